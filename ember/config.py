@@ -1,0 +1,71 @@
+"""Frozen configuration dataclasses, one per component; each field's default is its CLI flag's default."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model: str | None = None  # GGUF file, Hugging Face folder or hub id; None: the embedded SmolLM2
+    dtype: str = "float32"  # activations and dense weights: float32 | bfloat16 | float16
+    max_model_len: int | None = None  # None: the model's own context length
+    device: str = "cpu"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be positive, got {self.max_model_len}")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = 16  # tokens per KV block
+    kv_cache_memory_gib: float = 1.0  # memory budget for the KV block pool
+    num_gpu_blocks_override: int | None = None  # fixed number of blocks (tests use it to force preemption)
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be positive, got {self.block_size}")
+        if self.kv_cache_memory_gib <= 0:
+            raise ValueError(f"kv_cache_memory_gib must be positive, got {self.kv_cache_memory_gib}")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 64  # requests running at once
+    max_num_batched_tokens: int = 512  # token budget of one step (prefill chunks + decodes)
+    enable_chunked_prefill: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
+            raise ValueError("max_num_seqs and max_num_batched_tokens must be positive")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    num_threads: int | None = None  # torch intra-op threads; None: torch's default
+    batch_invariant: bool = True  # a request's results do not depend on what else is in the batch
+
+    @staticmethod
+    def from_flat(**kwargs) -> "EngineConfig":
+        """Builds the nested config from flat field names (as the CLI and LLM(**kwargs) give them)."""
+        parts = {}
+        for name, cls in (("model", ModelConfig), ("cache", CacheConfig), ("scheduler", SchedulerConfig)):
+            names = {f.name for f in fields(cls)}
+            parts[name] = cls(**{k: kwargs.pop(k) for k in list(kwargs) if k in names})
+        top = {f.name for f in fields(EngineConfig)} - set(parts)
+        unknown = set(kwargs) - top
+        if unknown:
+            raise TypeError(f"unknown engine option(s): {', '.join(sorted(unknown))}")
+        return EngineConfig(**parts, **kwargs)
+
+
+def default_num_threads() -> int:
+    return max(1, len(os.sched_getaffinity(0)))

@@ -1,0 +1,143 @@
+"""Continuous batching with one rule: each step, every request's computed tokens catch up with its tokens.
+
+There is no prefill phase and decode phase. A request has `num_tokens` (prompt + output) and
+`num_computed_tokens`; a step schedules up to `num_tokens - num_computed_tokens` of them within the
+token budget. A long prompt is thereby chunked, a prefix-cache hit starts it further along, and a
+decode is the case of one token. When blocks run out, the newest running request is preempted
+(its blocks freed, recomputed later). No torch here.
+"""
+from __future__ import annotations
+
+import bisect
+
+from ember.config import SchedulerConfig
+from ember.engine.kv_cache_manager import KVCacheManager
+from ember.engine.request import Request, RequestStatus
+from ember.engine.scheduler_output import ScheduledRequest, SchedulerOutput
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager):
+        self.config = config
+        self.kv_cache = kv_cache
+        self.waiting: list[Request] = []  # sorted by (priority, arrival)
+        self.running: list[Request] = []  # in scheduling order; the last is preempted first
+        self.requests: dict[str, Request] = {}
+        self.finished_request_ids: set[str] = set()  # since the last schedule()
+        self.num_preemptions = 0
+
+    # ---- requests in and out -------------------------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        self.requests[request.request_id] = request
+        self._enqueue(request)
+
+    def _enqueue(self, request: Request) -> None:
+        keys = [r.sort_key() for r in self.waiting]
+        self.waiting.insert(bisect.bisect_right(keys, request.sort_key()), request)
+
+    def finish_request(self, request_id: str, status: RequestStatus) -> None:
+        """Ends a request (stopped, length or aborted) at any point and frees its blocks."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return
+        if request.status == RequestStatus.RUNNING:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        request.status = status
+        self.kv_cache.free(request)
+        self.finished_request_ids.add(request_id)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.requests)
+
+    # ---- the step ------------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        scheduled: list[tuple[Request, int]] = []
+        preempted: list[Request] = []
+
+        # Running requests first, in order; preempt from the back when blocks run out.
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            num_new = self._num_new_tokens(request, budget)
+            if num_new == 0:
+                i += 1
+                continue
+            while not self.kv_cache.allocate_slots(request, num_new):
+                victim = self.running.pop()
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is request:
+                    break
+            else:
+                scheduled.append((request, num_new))
+                budget -= num_new
+                i += 1
+
+        # Then waiting requests, unless this step had to preempt (no room to spare).
+        while self.waiting and not preempted and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting[0]
+            computed_block_ids, num_cached = [], 0
+            if request.num_computed_tokens == 0:
+                computed_block_ids, num_cached = self.kv_cache.get_computed_blocks(request)
+            num_new = self._num_new_tokens(request, budget, num_computed=num_cached)
+            if num_new == 0:
+                break
+            if not self.kv_cache.allocate_slots(request, num_new, computed_block_ids):
+                break
+            self.kv_cache.record_prefix_lookup(request.num_tokens, num_cached)
+            self.waiting.pop(0)
+            request.status = RequestStatus.RUNNING
+            request.num_computed_tokens = num_cached
+            if request.num_preemptions == 0:
+                request.num_cached_tokens = num_cached
+            self.running.append(request)
+            scheduled.append((request, num_new))
+            budget -= num_new
+
+        output = SchedulerOutput(
+            requests=[self._scheduled(request, num_new) for request, num_new in scheduled],
+            finished_request_ids=self.finished_request_ids,
+            preempted_request_ids=[r.request_id for r in preempted],
+        )
+        self.finished_request_ids = set()
+        return output
+
+    def _num_new_tokens(self, request: Request, budget: int, num_computed: int | None = None) -> int:
+        num_computed = request.num_computed_tokens if num_computed is None else num_computed
+        num_new = request.num_tokens - num_computed
+        if num_new > budget:
+            # Without chunked prefill a prompt runs whole or waits for a step with room for it.
+            num_new = budget if self.config.enable_chunked_prefill else 0
+        return num_new
+
+    def _preempt(self, request: Request) -> None:
+        self.kv_cache.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self._enqueue(request)
+
+    def _scheduled(self, request: Request, num_new: int) -> ScheduledRequest:
+        start = request.num_computed_tokens
+        return ScheduledRequest(
+            request_id=request.request_id,
+            token_ids=request.all_token_ids[start : start + num_new],
+            start_position=start,
+            block_ids=list(self.kv_cache.block_ids(request.request_id)),
+            do_sample=start + num_new == request.num_tokens,
+            params=request.params,
+            prompt_token_ids=request.prompt_token_ids,
+            output_token_ids=request.output_token_ids,
+        )
+
+    def update_from_output(self, output: SchedulerOutput) -> None:
+        """Marks the scheduled tokens computed (call after the runner ran the step)."""
+        for scheduled in output.requests:
+            request = self.requests.get(scheduled.request_id)
+            if request is not None:
+                request.num_computed_tokens += scheduled.num_tokens
