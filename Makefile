@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 serve: install
-	$(VENV)/bin/ember serve
+	$(VENV)/bin/ember complete "Write a short poem about a fire that keeps you warm." --chat --max-tokens 96
 
 test: install
 	$(PY) -m pytest -q

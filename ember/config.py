@@ -24,7 +24,7 @@ class ModelConfig:
 class CacheConfig:
     block_size: int = 16  # tokens per KV block
     kv_cache_memory_gib: float = 1.0  # memory budget for the KV block pool
-    num_gpu_blocks_override: int | None = None  # fixed number of blocks (tests use it to force preemption)
+    num_kv_blocks: int | None = None  # a fixed number of blocks instead of the memory budget (tests force preemption with it)
     enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:

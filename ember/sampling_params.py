@@ -22,7 +22,6 @@ class SamplingParams:
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     logprobs: int | None = None  # number of top alternatives per sampled token (0: only the sampled one)
-    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
@@ -47,10 +46,6 @@ class SamplingParams:
         _check(-2 <= self.frequency_penalty <= 2, "frequency_penalty", f"must be in [-2, 2], got {self.frequency_penalty}")
         _check(self.repetition_penalty > 0, "repetition_penalty", f"must be positive, got {self.repetition_penalty}")
         _check(self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs", f"must be in [0, 20], got {self.logprobs}")
-        _check(
-            self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20,
-            "prompt_logprobs", f"must be in [0, 20], got {self.prompt_logprobs}",
-        )
         _check(all(s for s in self.stop), "stop", "stop strings must be non-empty")
 
     @property

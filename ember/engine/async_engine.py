@@ -1,0 +1,165 @@
+"""AsyncEngine: the step loop in the background, an asyncio stream per request, abort on cancel.
+
+The engine steps in a worker thread (torch releases the GIL), while the event loop keeps serving.
+Adds and aborts arriving during a step are queued and applied between steps, so the engine's state
+is only ever touched by one thread at a time.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+
+from ember.engine.engine import LLMEngine
+from ember.outputs import RequestOutput
+from ember.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class QueueFullError(RuntimeError):
+    """The waiting queue is at --max-queued-requests; the server answers 503 with Retry-After."""
+
+
+class EngineDeadError(RuntimeError):
+    """A step failed; requests in flight at that moment end with this error."""
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine, max_queued_requests: int | None = None):
+        self.engine = engine
+        self.max_queued_requests = max_queued_requests
+        self._streams: dict[str, asyncio.Queue] = {}
+        self._pending_adds = []
+        self._pending_aborts: list[str] = []
+        self._wakeup: asyncio.Event | None = None
+        self._loop_task: asyncio.Task | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ember-step")
+        self.is_accepting = True
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def num_running(self) -> int:
+        return len(self.engine.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.engine.scheduler.waiting) + len(self._pending_adds)
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._streams)
+
+    # ---- lifecycle -----------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._loop_task is None:
+            self._wakeup = asyncio.Event()
+            self._loop_task = asyncio.get_running_loop().create_task(self._run(), name="ember-engine-loop")
+
+    async def shutdown(self, drain_timeout: float = 30.0) -> None:
+        """Stops accepting; lets in-flight requests finish for up to `drain_timeout`, then aborts the rest."""
+        self.is_accepting = False
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + drain_timeout
+        while self._streams and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        for request_id in list(self._streams):
+            self.abort(request_id)
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            try:
+                await self._loop_task
+            except asyncio.CancelledError:
+                pass
+            self._loop_task = None
+        self._executor.shutdown(wait=True)
+
+    # ---- requests ------------------------------------------------------------------------------
+    async def generate(
+        self,
+        prompt: str | None = None,
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        prompt_token_ids: list[int] | None = None,
+        priority: int = 0,
+    ) -> AsyncIterator[RequestOutput]:
+        """Validates and queues a request, then returns its stream of outputs.
+
+        Raises at once (before any output) for bad input or a full queue. Closing or cancelling the
+        stream before it finishes aborts the request.
+        """
+        if not self.is_accepting:
+            raise QueueFullError("the server is shutting down")
+        if self.max_queued_requests is not None and self.num_waiting >= self.max_queued_requests:
+            raise QueueFullError(f"too many queued requests ({self.num_waiting}); try again shortly")
+        parent = self.engine.prepare_request(request_id, prompt, params, prompt_token_ids, priority)
+        if parent.request_id in self._streams:
+            raise ValueError(f"request id {parent.request_id!r} is already in use")
+        queue: asyncio.Queue = asyncio.Queue()
+        self._streams[parent.request_id] = queue
+        self._pending_adds.append(parent)
+        self.start()
+        self._wakeup.set()
+        return self._stream(parent.request_id, queue)
+
+    async def _stream(self, request_id: str, queue: asyncio.Queue) -> AsyncIterator[RequestOutput]:
+        finished = False
+        try:
+            while not finished:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        """Aborts a request at the next step boundary; its blocks are freed then."""
+        if self._streams.pop(request_id, None) is not None:
+            self._pending_aborts.append(request_id)
+            if self._wakeup is not None:
+                self._wakeup.set()
+
+    # ---- the loop ------------------------------------------------------------------------------
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            self._apply_pending()
+            if not self.engine.has_unfinished_requests():
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            try:
+                outputs = await loop.run_in_executor(self._executor, self.engine.step)
+            except Exception as exc:  # a bug or resource failure: fail what is in flight, keep serving
+                logger.exception("engine step failed")
+                self._fail_all(EngineDeadError(f"the engine failed while running this request: {exc}"))
+                continue
+            for output in outputs:
+                queue = self._streams.get(output.request_id)
+                if queue is not None:
+                    queue.put_nowait(output)
+                    if output.finished:
+                        del self._streams[output.request_id]
+            await asyncio.sleep(0)  # let handlers consume outputs and queue new requests
+
+    def _apply_pending(self) -> None:
+        adds, self._pending_adds = self._pending_adds, []
+        for parent in adds:
+            if parent.request_id in self._streams:  # not aborted while pending
+                self.engine.add_prepared(parent)
+        aborts, self._pending_aborts = self._pending_aborts, []
+        for request_id in aborts:
+            self.engine.abort_request(request_id)
+
+    def _fail_all(self, error: Exception) -> None:
+        for request_id, queue in list(self._streams.items()):
+            queue.put_nowait(error)
+            self.engine.abort_request(request_id)
+        self._streams.clear()

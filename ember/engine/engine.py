@@ -1,0 +1,254 @@
+"""LLMEngine: add_request / abort_request / step. Owns the scheduler, the runner, stop checks and detokenization."""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+
+from ember.config import EngineConfig
+from ember.engine.kv_cache_manager import KVCacheManager
+from ember.engine.request import Request, RequestStatus
+from ember.engine.scheduler import Scheduler
+from ember.loader import load_checkpoint
+from ember.loader.hub import embedded_model_path
+from ember.outputs import CompletionOutput, Logprob, RequestOutput
+from ember.runner.model_runner import DTYPES, ModelRunner
+from ember.sampling_params import InvalidParameterError, SamplingParams
+from ember.tokenizer import IncrementalDetokenizer, Tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Sequence:
+    """Engine-side state of one sample: detokenized text, stop handling, what was already streamed."""
+
+    request: Request
+    parent_id: str
+    index: int  # within its parent (n > 1)
+    detokenizer: IncrementalDetokenizer
+    text: str = ""  # output text, cut at a stop string
+    num_emitted_chars: int = 0
+    logprobs: list[list[Logprob]] | None = None
+    finish_reason: str | None = None
+
+
+@dataclass
+class ParentRequest:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    sequences: list[_Sequence] = field(default_factory=list)
+    arrival_time: float = field(default_factory=time.monotonic)
+    first_token_time: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        return all(s.finish_reason is not None for s in self.sequences)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, progress: bool = True):
+        self.config = config
+        path = config.model.model or embedded_model_path()
+        checkpoint = load_checkpoint(path, dtype=DTYPES[config.model.dtype], progress=progress)
+        self.model_path = checkpoint.path
+        if checkpoint.gguf_metadata is not None:
+            self.tokenizer = Tokenizer.from_gguf_metadata(checkpoint.gguf_metadata)
+        else:
+            self.tokenizer = Tokenizer.from_dir(checkpoint.path)
+        context_len = checkpoint.hf_config.get("max_position_embeddings") or 2048
+        self.max_model_len = min(config.model.max_model_len or context_len, context_len)
+        self.runner = ModelRunner(config, checkpoint.hf_config, checkpoint.tensors, self.tokenizer.eos_token_ids)
+        del checkpoint
+        self.kv_cache = KVCacheManager(self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler, self.kv_cache)
+        self._parents: dict[str, ParentRequest] = {}
+        self._sequences: dict[str, _Sequence] = {}  # by the child request id
+        self._ids = itertools.count()
+        logger.info("loaded %s: context %d tokens, KV cache %d tokens", path, self.max_model_len, self.runner.num_kv_tokens)
+
+    # ---- requests ------------------------------------------------------------------------------
+    def add_request(
+        self,
+        request_id: str | None = None,
+        prompt: str | None = None,
+        params: SamplingParams | None = None,
+        prompt_token_ids: list[int] | None = None,
+        priority: int = 0,
+    ) -> str:
+        """Queues a request (text or token ids); raises InvalidParameterError for a prompt that cannot run."""
+        parent = self.prepare_request(request_id, prompt, params, prompt_token_ids, priority)
+        self.add_prepared(parent)
+        return parent.request_id
+
+    def prepare_request(
+        self,
+        request_id: str | None = None,
+        prompt: str | None = None,
+        params: SamplingParams | None = None,
+        prompt_token_ids: list[int] | None = None,
+        priority: int = 0,
+    ) -> ParentRequest:
+        """Tokenizes and validates a request without touching engine state (safe while a step runs)."""
+        params = params or SamplingParams()
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if prompt_token_ids is None:
+            if prompt is None:
+                raise InvalidParameterError("prompt", "is required")
+            prompt_token_ids = self.tokenizer.encode(prompt)
+        num_prompt_tokens = len(prompt_token_ids)
+        if num_prompt_tokens == 0:
+            raise InvalidParameterError("prompt", "is empty")
+        vocab_size = self.runner.model.vocab_size
+        if any(not 0 <= t < vocab_size for t in prompt_token_ids):
+            raise InvalidParameterError("prompt", f"has token ids outside the vocabulary [0, {vocab_size})")
+        if num_prompt_tokens >= self.max_model_len:
+            raise InvalidParameterError(
+                "prompt",
+                f"is {num_prompt_tokens} tokens long, but this model's context length is {self.max_model_len} tokens "
+                "and at least one must be left to generate",
+            )
+        max_tokens = self.max_model_len - num_prompt_tokens
+        if params.max_tokens is not None:
+            max_tokens = min(max_tokens, params.max_tokens)
+        if self.kv_cache.num_blocks_for(num_prompt_tokens + max_tokens) > self.kv_cache.num_blocks:
+            raise InvalidParameterError(
+                "prompt",
+                f"needs {num_prompt_tokens + max_tokens} tokens of KV cache, but the cache holds "
+                f"{self.runner.num_kv_tokens}; lower max_tokens or raise kv_cache_memory_gib",
+            )
+        parent = ParentRequest(request_id, prompt, list(prompt_token_ids), params)
+        for index in range(params.n):
+            child_params = params
+            if params.n > 1 and params.seed is not None:
+                child_params = dataclasses.replace(params, seed=params.seed + index)
+            child_id = request_id if params.n == 1 else f"{request_id}#{index}"
+            request = Request(child_id, prompt_token_ids, child_params, max_tokens, priority)
+            detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens)
+            logprobs = [] if params.logprobs is not None else None
+            parent.sequences.append(_Sequence(request, request_id, index, detokenizer, logprobs=logprobs))
+        return parent
+
+    def add_prepared(self, parent: ParentRequest) -> None:
+        if parent.request_id in self._parents:
+            raise ValueError(f"request id {parent.request_id!r} is already in use")
+        self._parents[parent.request_id] = parent
+        for sequence in parent.sequences:
+            self._sequences[sequence.request.request_id] = sequence
+            self.scheduler.add_request(sequence.request)
+
+    def abort_request(self, request_id: str) -> None:
+        """Cancels a request at any point; its blocks are freed now. Unknown ids are ignored."""
+        parent = self._parents.pop(request_id, None)
+        if parent is None:
+            return
+        for sequence in parent.sequences:
+            self._sequences.pop(sequence.request.request_id, None)
+            self.scheduler.finish_request(sequence.request.request_id, RequestStatus.FINISHED_ABORTED)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._parents)
+
+    @property
+    def num_unfinished_requests(self) -> int:
+        return len(self._parents)
+
+    # ---- the step ------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Schedules and runs one batch; returns an output for each request that produced text or finished."""
+        scheduler_output = self.scheduler.schedule()
+        sampled = self.runner.execute(scheduler_output)
+        self.scheduler.update_from_output(scheduler_output)
+        changed: dict[str, ParentRequest] = {}
+        now = time.monotonic()
+        for child_id, token in sampled.items():
+            sequence = self._sequences[child_id]
+            self._append_token(sequence, token)
+            parent = self._parents[sequence.parent_id]
+            parent.first_token_time = parent.first_token_time or now
+            changed[parent.request_id] = parent
+        outputs = [self._make_output(parent) for parent in changed.values()]
+        for output in outputs:
+            if output.finished:
+                parent = self._parents.pop(output.request_id)
+                for sequence in parent.sequences:
+                    self._sequences.pop(sequence.request.request_id, None)
+        return outputs
+
+    def _append_token(self, sequence: _Sequence, token) -> None:
+        request, params = sequence.request, sequence.request.params
+        token_id = token.token_id
+        request.append_output_token(token_id)
+        if sequence.logprobs is not None:
+            sequence.logprobs.append([Logprob(t, lp, self.tokenizer.decode([t], skip_special_tokens=False)) for t, lp in token.logprobs])
+        num_output = request.num_output_tokens
+        is_stop_token = token_id in params.stop_token_ids or (
+            token_id in self.tokenizer.eos_token_ids and not params.ignore_eos
+        )
+        if is_stop_token and num_output >= params.min_tokens:
+            if params.include_stop_str_in_output:
+                sequence.text += sequence.detokenizer.add([token_id])
+            self._finish(sequence, RequestStatus.FINISHED_STOPPED, token_id)
+            return
+        previous_len = len(sequence.text)
+        sequence.text += sequence.detokenizer.add([token_id])
+        if params.stop and num_output >= params.min_tokens:
+            hit = _find_stop(sequence.text, params.stop, previous_len)
+            if hit is not None:
+                position, stop = hit
+                sequence.text = sequence.text[: position + (len(stop) if params.include_stop_str_in_output else 0)]
+                self._finish(sequence, RequestStatus.FINISHED_STOPPED, stop)
+                return
+        if num_output >= request.max_tokens or request.num_tokens >= self.max_model_len:
+            self._finish(sequence, RequestStatus.FINISHED_LENGTH, None)
+
+    def _finish(self, sequence: _Sequence, status: RequestStatus, stop_reason) -> None:
+        sequence.finish_reason = status.value
+        sequence.request.stop_reason = stop_reason
+        self.scheduler.finish_request(sequence.request.request_id, status)
+
+    def _make_output(self, parent: ParentRequest) -> RequestOutput:
+        completions = []
+        for sequence in parent.sequences:
+            params = sequence.request.params
+            # While running, hold back text that could still turn out to start a stop string.
+            holdback = max((len(s) for s in params.stop), default=1) - 1 if sequence.finish_reason is None else 0
+            end = max(sequence.num_emitted_chars, len(sequence.text) - holdback)
+            delta = sequence.text[sequence.num_emitted_chars : end]
+            sequence.num_emitted_chars = end
+            completions.append(
+                CompletionOutput(
+                    index=sequence.index,
+                    text=sequence.text[:end],
+                    token_ids=list(sequence.request.output_token_ids),
+                    logprobs=sequence.logprobs,
+                    finish_reason=sequence.finish_reason,
+                    stop_reason=sequence.request.stop_reason,
+                    text_delta=delta,
+                )
+            )
+        first = parent.sequences[0].request
+        return RequestOutput(
+            request_id=parent.request_id,
+            prompt=parent.prompt,
+            prompt_token_ids=parent.prompt_token_ids,
+            outputs=completions,
+            finished=parent.finished,
+            num_cached_tokens=first.num_cached_tokens,
+            metrics={"arrival_time": parent.arrival_time, "first_token_time": parent.first_token_time},
+        )
+
+
+def _find_stop(text: str, stops: list[str], previous_len: int) -> tuple[int, str] | None:
+    """Earliest stop string that ends in the newly added text."""
+    best = None
+    for stop in stops:
+        position = text.find(stop, max(0, previous_len - len(stop) + 1))
+        if position != -1 and (best is None or position < best[0]):
+            best = (position, stop)
+    return best
+
