@@ -1,12 +1,16 @@
-"""The `ember` command: serve, complete, chat; engine flags are built from the config dataclasses' fields."""
+"""The `ember` command: serve, chat, complete; engine and server flags are built from the config dataclasses' fields."""
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import logging
 import sys
 import typing
+import urllib.error
+import urllib.request
 
-from ember.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from ember.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, ServerConfig
 from ember.sampling_params import SamplingParams
 
 ENGINE_SECTIONS = (ModelConfig, CacheConfig, SchedulerConfig)
@@ -38,6 +42,19 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig.from_flat(**options)
 
 
+def add_server_flags(parser: argparse.ArgumentParser) -> None:
+    """One kebab-case flag per ServerConfig field, its default read from the dataclass."""
+    group = parser.add_argument_group("server")
+    hints = typing.get_type_hints(ServerConfig)
+    for f in dataclasses.fields(ServerConfig):
+        base = next((t for t in typing.get_args(hints[f.name]) if t is not type(None)), hints[f.name])
+        group.add_argument("--" + f.name.replace("_", "-"), type=base, default=f.default, help=f"(default: {f.default})")
+
+
+def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
+    return ServerConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServerConfig)})
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ember", description="Ember: a self-hosted LLM server.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -50,10 +67,135 @@ def main(argv: list[str] | None = None) -> int:
     complete.add_argument("--chat", action="store_true", help="apply the model's chat template to the prompt")
     add_engine_flags(complete)
 
+    serve = sub.add_parser("serve", help="serve the model over HTTP (OpenAI, TGI and Ollama protocols)")
+    serve.add_argument("model", nargs="?", default=None, help="GGUF file, HF folder or hub id (default: embedded SmolLM2)")
+    add_server_flags(serve)
+    add_engine_flags(serve)
+
+    chat = sub.add_parser("chat", help="interactive chat in the terminal (/clear, /exit)")
+    chat.add_argument("model", nargs="?", default=None, help="GGUF file, HF folder or hub id; with --url, the served model's name")
+    chat.add_argument("--url", default=None, help="chat with a running server (e.g. http://127.0.0.1:8000) instead of loading the model")
+    chat.add_argument("--system", default=None, help="system prompt")
+    chat.add_argument("--max-tokens", type=int, default=512)
+    chat.add_argument("--temperature", type=float, default=0.7)
+    chat.add_argument("--top-p", type=float, default=1.0)
+    chat.add_argument("--top-k", type=int, default=0)
+    add_engine_flags(chat)
+
     args = parser.parse_args(argv)
     if args.command == "complete":
         return run_complete(args)
+    if args.command == "serve":
+        return run_serve(args)
+    if args.command == "chat":
+        return run_chat(args)
     return 2
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from ember.engine.async_engine import AsyncEngine
+    from ember.engine.engine import LLMEngine
+    from ember.server.app import run_server
+
+    server_config = server_config_from_args(args)
+    engine = LLMEngine(engine_config_from_args(args))
+    run_server(AsyncEngine(engine, server_config.max_queued_requests), server_config)
+    return 0
+
+
+def run_chat(args: argparse.Namespace, read=input, write=sys.stdout.write) -> int:
+    """A terminal chat: each line is a user turn, answered as it streams; /clear forgets, /exit leaves."""
+    if args.url:
+        reply = _remote_replier(args)
+    else:
+        reply = _local_replier(args)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history: list[dict] = []
+    write("Chatting; /clear starts over, /exit (or Ctrl-D) leaves.\n")
+    while True:
+        try:
+            line = read(">>> ")
+        except (EOFError, KeyboardInterrupt):
+            write("\n")
+            return 0
+        if line.strip() == "/exit":
+            return 0
+        if line.strip() == "/clear":
+            history = []
+            write("(history cleared)\n")
+            continue
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        answer = ""
+        try:
+            for piece in reply(system + history):
+                answer += piece
+                write(piece)
+                sys.stdout.flush()
+        except KeyboardInterrupt:  # stops this answer, keeps the session
+            write(" [stopped]")
+        except (urllib.error.URLError, RuntimeError) as exc:
+            write(f"[error: {exc}]")
+        write("\n")
+        history.append({"role": "assistant", "content": answer})
+
+
+def _local_replier(args: argparse.Namespace):
+    from ember.llm import LLM
+
+    engine = LLM(config=engine_config_from_args(args), progress=False).engine
+    tokenizer = engine.tokenizer
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+
+    def reply(messages: list[dict]):
+        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        request_id = engine.add_request(prompt=prompt, params=params, prompt_token_ids=tokenizer.encode(prompt, add_special_tokens=False))
+        try:
+            while True:
+                for output in engine.step():
+                    if output.request_id == request_id:
+                        yield output.outputs[0].text_delta
+                        if output.finished:
+                            return
+        finally:
+            engine.abort_request(request_id)
+
+    return reply
+
+
+def _remote_replier(args: argparse.Namespace):
+    base = args.url.rstrip("/")
+    model = args.model
+    if model is None:
+        with urllib.request.urlopen(base + "/v1/models") as response:
+            model = json.load(response)["data"][0]["id"]
+
+    def reply(messages: list[dict]):
+        body = {
+            "model": model, "messages": messages, "stream": True, "max_tokens": args.max_tokens,
+            "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
+        }
+        request = urllib.request.Request(
+            base + "/v1/chat/completions", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+        )
+        try:
+            response = urllib.request.urlopen(request)
+        except urllib.error.HTTPError as exc:
+            raise RuntimeError(json.load(exc).get("error", {}).get("message", str(exc))) from None
+        with response:
+            for raw in response:
+                line = raw.decode("utf-8").strip()
+                if not line.startswith("data:") or line == "data: [DONE]":
+                    continue
+                event = json.loads(line[len("data:"):])
+                if "error" in event:
+                    raise RuntimeError(event["error"].get("message"))
+                for choice in event.get("choices", []):
+                    yield choice["delta"].get("content") or ""
+
+    return reply
 
 
 def run_complete(args: argparse.Namespace) -> int:

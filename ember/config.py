@@ -69,3 +69,20 @@ class EngineConfig:
 
 def default_num_threads() -> int:
     return max(1, len(os.sched_getaffinity(0)))
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    served_model_name: str | None = None  # None: the model's file or folder name
+    max_queued_requests: int = 256  # waiting requests beyond this get 503 with Retry-After
+    drain_timeout: float = 30.0  # seconds in-flight requests may take to finish on SIGTERM before they are aborted
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.max_queued_requests < 1:
+            raise ValueError(f"max_queued_requests must be positive, got {self.max_queued_requests}")
+        if self.drain_timeout < 0:
+            raise ValueError(f"drain_timeout must be non-negative, got {self.drain_timeout}")

@@ -22,6 +22,10 @@ class QueueFullError(RuntimeError):
     """The waiting queue is at --max-queued-requests; the server answers 503 with Retry-After."""
 
 
+class RequestAbortedError(RuntimeError):
+    """Ends the stream of a request aborted by someone other than its consumer (e.g. a draining server)."""
+
+
 class EngineDeadError(RuntimeError):
     """A step failed; requests in flight at that moment end with this error."""
 
@@ -68,7 +72,7 @@ class AsyncEngine:
         while self._streams and loop.time() < deadline:
             await asyncio.sleep(0.05)
         for request_id in list(self._streams):
-            self.abort(request_id)
+            self.abort(request_id, f"the server shut down before this request finished (drain timeout {drain_timeout:g} s)")
         if self._loop_task is not None:
             self._loop_task.cancel()
             try:
@@ -119,9 +123,12 @@ class AsyncEngine:
             if not finished:
                 self.abort(request_id)
 
-    def abort(self, request_id: str) -> None:
-        """Aborts a request at the next step boundary; its blocks are freed then."""
-        if self._streams.pop(request_id, None) is not None:
+    def abort(self, request_id: str, reason: str = "the request was aborted") -> None:
+        """Aborts a request at the next step boundary; its blocks are freed then. A consumer still
+        reading the stream gets RequestAbortedError(reason) rather than waiting forever."""
+        queue = self._streams.pop(request_id, None)
+        if queue is not None:
+            queue.put_nowait(RequestAbortedError(reason))
             self._pending_aborts.append(request_id)
             if self._wakeup is not None:
                 self._wakeup.set()

@@ -184,7 +184,7 @@ class LLMEngine:
         token_id = token.token_id
         request.append_output_token(token_id)
         if sequence.logprobs is not None:
-            sequence.logprobs.append([Logprob(t, lp, self.tokenizer.decode([t], skip_special_tokens=False)) for t, lp in token.logprobs])
+            sequence.logprobs.append([Logprob(t, lp, self.tokenizer.token_text(t)) for t, lp in token.logprobs])
         num_output = request.num_output_tokens
         is_stop_token = token_id in params.stop_token_ids or (
             token_id in self.tokenizer.eos_token_ids and not params.ignore_eos
@@ -204,6 +204,7 @@ class LLMEngine:
                 self._finish(sequence, RequestStatus.FINISHED_STOPPED, stop)
                 return
         if num_output >= request.max_tokens or request.num_tokens >= self.max_model_len:
+            sequence.text += sequence.detokenizer.flush()  # a character cut short by the length limit
             self._finish(sequence, RequestStatus.FINISHED_LENGTH, None)
 
     def _finish(self, sequence: _Sequence, status: RequestStatus, stop_reason) -> None:

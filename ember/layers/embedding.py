@@ -1,0 +1,37 @@
+"""Token embedding and the LM head (which may share the embedding's weight)."""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ember.ops.linear import linear
+
+
+class VocabEmbedding(nn.Module):
+    def __init__(self, vocab_size: int, hidden_size: int, dtype: torch.dtype):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size, dtype=dtype), requires_grad=False)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # [num_tokens] -> [num_tokens, hidden_size]
+        return F.embedding(input_ids, self.weight)
+
+
+class LMHead(nn.Module):
+    """hidden -> float32 logits; with `tied_to`, it reuses the embedding's parameter instead of owning one."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        vocab_size: int,
+        dtype: torch.dtype,
+        tied_to: VocabEmbedding | None = None,
+        batch_invariant: bool = False,
+    ):
+        super().__init__()
+        self.batch_invariant = batch_invariant
+        if tied_to is not None:
+            self.weight = tied_to.weight
+        else:
+            self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size, dtype=dtype), requires_grad=False)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:  # [num_seqs, hidden] -> [num_seqs, vocab]
+        return linear(hidden_states, self.weight, None, self.batch_invariant).float()

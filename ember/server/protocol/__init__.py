@@ -1,0 +1,1 @@
+"""Pydantic request models and response builders, one file per wire protocol."""

@@ -1,0 +1,237 @@
+"""OpenAI wire format: /v1/completions and /v1/chat/completions requests, responses, chunks and errors.
+
+Field names follow the OpenAI API reference, plus vLLM's sampling extensions (top_k, min_p,
+repetition_penalty, min_tokens, stop_token_ids, ignore_eos, ...). Unknown fields are a 400; fields that
+exist in the API but that Ember does not implement are accepted only at their neutral value.
+"""
+from __future__ import annotations
+
+from typing import Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ember.outputs import CompletionOutput, Logprob
+from ember.sampling_params import SamplingParams
+from ember.server.serving import InvalidRequestError, Serving, ServingError, reject_unsupported
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _SamplingRequest(_Strict):
+    """Fields shared by completions and chat completions."""
+
+    model: str | None = None
+    n: int = 1
+    temperature: float | None = None  # OpenAI's default: 1
+    top_p: float | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None  # an end-user id; no effect on generation
+    logit_bias: dict[str, float] | None = None  # only empty
+    # vLLM's extensions
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    min_tokens: int = 0
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    priority: int = 0  # lower runs first
+
+    def _check_common(self) -> None:
+        if self.stream_options is not None and not self.stream:
+            raise InvalidRequestError("stream_options is only allowed when stream is true", param="stream_options")
+        reject_unsupported({"logit_bias": (self.logit_bias, (None, {}))})
+
+    def _sampling_params(self, serving: Serving, max_tokens: int | None, logprobs: int | None, names: dict) -> SamplingParams:
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return serving.sampling_params(
+            names,
+            n=self.n,
+            max_tokens=max_tokens,
+            min_tokens=self.min_tokens,
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=self.top_k or 0,
+            min_p=self.min_p or 0.0,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            seed=self.seed,
+            stop=stop,
+            stop_token_ids=self.stop_token_ids or [],
+            ignore_eos=self.ignore_eos,
+            include_stop_str_in_output=self.include_stop_str_in_output,
+            logprobs=logprobs,
+            skip_special_tokens=self.skip_special_tokens,
+        )
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+# ---- completions ---------------------------------------------------------------------------------
+class CompletionRequest(_SamplingRequest):
+    prompt: Union[str, list[str], list[int], list[list[int]]]
+    max_tokens: int | None = 16  # OpenAI's default for completions; null: up to the context length
+    echo: bool = False
+    logprobs: int | None = None
+    best_of: int | None = None  # only equal to n
+    suffix: str | None = None  # fill-in-the-middle: not yet
+
+    def prompts(self) -> list[str | list[int]]:
+        """One entry per prompt: a string or token ids."""
+        if isinstance(self.prompt, str) or (self.prompt and isinstance(self.prompt[0], int)):
+            return [self.prompt]
+        return list(self.prompt)
+
+    def sampling_params(self, serving: Serving) -> SamplingParams:
+        self._check_common()
+        reject_unsupported({"best_of": (self.best_of, (None, self.n)), "suffix": (self.suffix, (None,))})
+        if self.echo and self.logprobs is not None:
+            raise InvalidRequestError(
+                "echo together with logprobs would need the prompt's logprobs, which this server does not compute; "
+                "drop one of them", param="echo",
+            )
+        return self._sampling_params(serving, self.max_tokens, self.logprobs, {})
+
+
+def completion_logprobs(output: CompletionOutput, start: int, text_offset: int) -> dict | None:
+    """OpenAI's legacy logprobs object for output tokens [start:], offsets counted from `text_offset`."""
+    if output.logprobs is None:
+        return None
+    tokens, token_logprobs, top_logprobs, offsets = [], [], [], []
+    for entries in output.logprobs[start:]:
+        sampled = entries[0]
+        tokens.append(sampled.token)
+        token_logprobs.append(sampled.logprob)
+        top = {e.token: e.logprob for e in entries[1:]}
+        top.setdefault(sampled.token, sampled.logprob)
+        top_logprobs.append(top)
+        offsets.append(text_offset)
+        text_offset += len(sampled.token)
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs, "text_offset": offsets}
+
+
+# ---- chat completions ----------------------------------------------------------------------------
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+    tool_calls: list | None = None  # only empty: replayed histories carry it
+
+    def as_template_message(self) -> dict:
+        reject_unsupported({"messages.tool_calls": (self.tool_calls or None, (None,))})
+        content = self.content
+        if isinstance(content, list):
+            content = "".join(part.text for part in content)
+        role = "system" if self.role == "developer" else self.role  # `developer` is the newer name for `system`
+        return {"role": role, "content": content or ""}
+
+
+class ResponseFormat(_Strict):
+    type: str
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = None  # deprecated by OpenAI in favour of max_completion_tokens
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    response_format: ResponseFormat | None = None  # only {"type": "text"}
+    tools: list | None = None  # only empty
+    tool_choice: str | dict | None = None  # only "none" / "auto" without tools
+    parallel_tool_calls: bool | None = None
+    store: bool | None = None  # stored completions are an OpenAI platform feature; no effect here
+    metadata: dict | None = None
+    service_tier: str | None = None
+    add_generation_prompt: bool = True  # vLLM's
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    @property
+    def max_tokens_param(self) -> str:
+        return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
+
+    def template_messages(self) -> list[dict]:
+        return [m.as_template_message() for m in self.messages]
+
+    def sampling_params(self, serving: Serving) -> SamplingParams:
+        self._check_common()
+        reject_unsupported({
+            "response_format": (self.response_format and self.response_format.type, (None, "text")),
+            "tools": (self.tools or None, (None,)),
+            "tool_choice": (self.tool_choice, (None, "none", "auto")),
+        })
+        if self.top_logprobs is not None and not self.logprobs:
+            raise InvalidRequestError("top_logprobs requires logprobs to be true", param="top_logprobs")
+        logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        names = {"logprobs": "top_logprobs", "max_tokens": self.max_tokens_param}
+        return self._sampling_params(serving, self.requested_max_tokens, logprobs, names)
+
+
+def chat_logprobs(output: CompletionOutput, start: int) -> dict | None:
+    """The chat `logprobs` object for output tokens [start:]."""
+    if output.logprobs is None:
+        return None
+
+    def entry(lp: Logprob) -> dict:
+        return {"token": lp.token, "logprob": lp.logprob, "bytes": list(lp.token.encode("utf-8"))}
+
+    content = []
+    for entries in output.logprobs[start:]:
+        item = entry(entries[0])
+        item["top_logprobs"] = [entry(e) for e in entries[1:]]
+        content.append(item)
+    return {"content": content}
+
+
+# ---- shared response pieces ----------------------------------------------------------------------
+def usage(num_prompt_tokens: int, num_completion_tokens: int, num_cached_tokens: int | None = None) -> dict:
+    body = {
+        "prompt_tokens": num_prompt_tokens,
+        "completion_tokens": num_completion_tokens,
+        "total_tokens": num_prompt_tokens + num_completion_tokens,
+    }
+    if num_cached_tokens is not None:
+        body["prompt_tokens_details"] = {"cached_tokens": num_cached_tokens}
+    return body
+
+
+def error_body(err: ServingError) -> dict:
+    return {"error": {"message": err.message, "type": err.error_type, "param": err.param, "code": err.code}}
+
+
+def models_list(serving: Serving) -> dict:
+    return {
+        "object": "list",
+        "data": [{
+            "id": serving.model_name,
+            "object": "model",
+            "created": serving.created,
+            "owned_by": "ember",
+            "root": serving.model_path,
+            "parent": None,
+            "max_model_len": serving.max_model_len,
+        }],
+    }

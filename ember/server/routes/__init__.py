@@ -1,0 +1,1 @@
+"""Thin HTTP handlers, one file per protocol; the work is in serving.py and protocol/."""

@@ -1,0 +1,141 @@
+"""`Tokenizer`: text ↔ token ids for one model, its special tokens and its chat template; built from a
+Hugging Face tokenizer folder or from GGUF metadata."""
+from __future__ import annotations
+
+import json
+import os
+
+import tokenizers
+
+from ember.tokenizer.chat_template import apply_chat_template
+from ember.tokenizer.gguf_vocab import build_gguf_tokenizer
+
+# Special tokens that end a turn or a document in common chat formats; generation stops at any of them
+# that the vocabulary marks special, as llama.cpp does.
+_END_OF_GENERATION_TOKENS = {
+    "<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|endoftext|>", "<|end_of_text|>", "<|end|>",
+    "<end_of_turn>", "<|EOT|>", "<EOT>", "</s>", "<|return|>",
+}
+
+
+class Tokenizer:
+    """Wraps a `tokenizers.Tokenizer`; special tokens in text are always matched whole."""
+
+    def __init__(
+        self,
+        backend: tokenizers.Tokenizer,
+        bos_token_id: int | None,
+        eos_token_id: int | None,
+        pad_token_id: int | None = None,
+        extra_eos_token_ids: tuple[int, ...] = (),
+        chat_template: str | None = None,
+    ):
+        self.backend = backend
+        self.bos_token_id = bos_token_id
+        self.eos_token_id = eos_token_id
+        self.pad_token_id = pad_token_id
+        self.chat_template = chat_template
+        added = backend.get_added_tokens_decoder()
+        self.all_special_ids = sorted(token_id for token_id, token in added.items() if token.special)
+        self.eos_token_ids = {i for i in self.all_special_ids if added[i].content in _END_OF_GENERATION_TOKENS}
+        self.eos_token_ids |= {i for i in (eos_token_id, *extra_eos_token_ids) if i is not None}
+
+    @classmethod
+    def from_dir(cls, path: str) -> Tokenizer:
+        """From a Hugging Face folder: tokenizer.json, plus tokenizer_config.json (special tokens, chat
+        template), chat_template.jinja and generation_config.json (extra eos ids) when present.
+        Adding BOS/EOS follows tokenizer.json's post-processor."""
+        tokenizer_file = os.path.join(path, "tokenizer.json")
+        if not os.path.isfile(tokenizer_file):
+            raise FileNotFoundError(f"No tokenizer.json in {path}")
+        backend = tokenizers.Tokenizer.from_file(tokenizer_file)
+        config = _read_json(os.path.join(path, "tokenizer_config.json"))
+        generation = _read_json(os.path.join(path, "generation_config.json"))
+
+        def token_id(key: str) -> int | None:
+            token = config.get(key)
+            if isinstance(token, dict):
+                token = token.get("content")
+            return None if token is None else backend.token_to_id(token)
+
+        chat_template = config.get("chat_template")
+        if isinstance(chat_template, list):  # named templates: [{"name": "default", "template": ...}, ...]
+            chat_template = {entry["name"]: entry["template"] for entry in chat_template}.get("default")
+        jinja_file = os.path.join(path, "chat_template.jinja")
+        if os.path.isfile(jinja_file):
+            with open(jinja_file) as f:
+                chat_template = f.read()
+        extra_eos = generation.get("eos_token_id") or ()
+        return cls(
+            backend,
+            bos_token_id=token_id("bos_token"),
+            eos_token_id=token_id("eos_token"),
+            pad_token_id=token_id("pad_token"),
+            extra_eos_token_ids=tuple([extra_eos] if isinstance(extra_eos, int) else extra_eos),
+            chat_template=chat_template,
+        )
+
+    @classmethod
+    def from_gguf_metadata(cls, metadata: dict) -> Tokenizer:
+        """From a GGUF file's metadata (`tokenizer.ggml.*`, `tokenizer.chat_template`), as read by
+        `ember.loader.read_gguf_metadata` or found in `Checkpoint.gguf_metadata`."""
+        extra_eos = (metadata.get("tokenizer.ggml.eot_token_id"), metadata.get("tokenizer.ggml.eom_token_id"))
+        return cls(
+            build_gguf_tokenizer(metadata),
+            bos_token_id=metadata.get("tokenizer.ggml.bos_token_id"),
+            eos_token_id=metadata.get("tokenizer.ggml.eos_token_id"),
+            pad_token_id=metadata.get("tokenizer.ggml.padding_token_id"),
+            extra_eos_token_ids=tuple(token_id for token_id in extra_eos if token_id is not None),
+            chat_template=metadata.get("tokenizer.chat_template"),
+        )
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`; `add_special_tokens` adds the BOS/EOS the model asks for (not the ones in
+        the text: encode chat-template output with add_special_tokens=False)."""
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.backend.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
+
+    def convert_ids_to_tokens(self, token_ids: list[int]) -> list[str]:
+        """The vocabulary entries, as spelled there ("Ġthe", "▁the", "<0x0A>")."""
+        return [self.backend.id_to_token(token_id) for token_id in token_ids]
+
+    def token_text(self, token_id: int) -> str:
+        """The text one token stands for, special tokens included, with its leading space (which a
+        SentencePiece decode would drop at the start of text); may hold U+FFFD for part of a character."""
+        text = self.decode([token_id], skip_special_tokens=False)
+        if self.backend.id_to_token(token_id).startswith("▁") and not text.startswith(" "):
+            text = " " + text
+        return text
+
+    def get_vocab(self) -> dict[str, int]:
+        return self.backend.get_vocab(with_added_tokens=True)
+
+    def apply_chat_template(
+        self, messages: list[dict], add_generation_prompt: bool = True, chat_template: str | None = None, **extra
+    ) -> str:
+        """The prompt text for `messages` with the model's template (or `chat_template`); see
+        `ember.tokenizer.chat_template.apply_chat_template`."""
+        return apply_chat_template(
+            chat_template or self.chat_template,
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self._token(self.bos_token_id),
+            eos_token=self._token(self.eos_token_id),
+            **extra,
+        )
+
+    def _token(self, token_id: int | None) -> str | None:
+        return None if token_id is None else self.backend.id_to_token(token_id)
+
+
+def _read_json(path: str) -> dict:
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)

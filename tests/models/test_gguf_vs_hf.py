@@ -1,0 +1,50 @@
+"""The embedded GGUF through Ember's whole engine vs Hugging Face transformers loading the same file."""
+import os
+
+import pytest
+import torch
+
+from ember import SamplingParams
+from ember.loader.hub import embedded_model_path
+
+PROMPTS = [
+    "The capital of France is",
+    "def quicksort(arr):\n",
+    "Photosynthesis is the process by which",
+    "<|im_start|>user\nName three fruits.<|im_end|>\n<|im_start|>assistant\n",
+]
+# Ember and transformers both dequantize Q4_1 to the same float32 weights; what remains is float32
+# summation order (fused projections, attention kernels): log-probabilities agree to 1e-3.
+LOGPROB_ATOL = 1e-3
+
+
+@pytest.fixture(scope="session")
+def hf_model():
+    transformers = pytest.importorskip("transformers")
+    path = embedded_model_path()
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32
+    )
+    return model.eval()
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_next_token_logprobs_match(llm, hf_model, prompt):
+    ids = llm.get_tokenizer().encode(prompt, add_special_tokens=False)
+    ours = llm.generate([ids], SamplingParams(temperature=0, max_tokens=1, logprobs=20), use_tqdm=False)[0]
+    top = ours.outputs[0].logprobs[0][1:]
+    with torch.inference_mode():
+        reference = torch.log_softmax(hf_model(torch.tensor([ids])).logits[0, -1].float(), dim=-1)
+    ref_values, ref_ids = reference.topk(20)
+    assert [t.token_id for t in top][:5] == ref_ids.tolist()[:5]
+    for entry in top:
+        assert entry.logprob == pytest.approx(reference[entry.token_id].item(), abs=LOGPROB_ATOL)
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_greedy_continuation_matches(llm, hf_model, prompt):
+    ids = llm.get_tokenizer().encode(prompt, add_special_tokens=False)
+    ours = llm.generate([ids], SamplingParams(temperature=0, max_tokens=32, ignore_eos=True), use_tqdm=False)[0]
+    with torch.inference_mode():
+        reference = hf_model.generate(torch.tensor([ids]), max_new_tokens=32, min_new_tokens=32, do_sample=False)
+    assert ours.outputs[0].token_ids == reference[0, len(ids):].tolist()
