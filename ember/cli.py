@@ -55,7 +55,7 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServerConfig)})
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ember", description="Ember: a self-hosted LLM server.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -81,8 +81,11 @@ def main(argv: list[str] | None = None) -> int:
     chat.add_argument("--top-p", type=float, default=1.0)
     chat.add_argument("--top-k", type=int, default=0)
     add_engine_flags(chat)
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.command == "complete":
         return run_complete(args)
     if args.command == "serve":

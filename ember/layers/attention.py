@@ -36,9 +36,8 @@ class AttentionMetadata:
 class Attention(nn.Module):
     """Writes this step's K/V into the layer's paged cache, then attends every new query over its context."""
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, sliding_window: int | None):
+    def __init__(self, scale: float, sliding_window: int | None):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = scale
         self.sliding_window = sliding_window
 

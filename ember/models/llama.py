@@ -34,10 +34,11 @@ class LlamaAttention(nn.Module):
         self.qkv_proj = Linear(hidden_size, [self.q_size, self.kv_size, self.kv_size], qkv_bias, dtype, batch_invariant)
         self.o_proj = Linear(self.q_size, [hidden_size], o_bias, dtype, batch_invariant)
         self.rotary_emb = rotary_emb  # shared by all layers
+        self.q_norm = self.k_norm = None
         if use_qk_norm:  # Qwen3: RMSNorm over each head's vector, before RoPE
             self.q_norm = RMSNorm(self.head_dim, cfg.get("rms_norm_eps", 1e-6), dtype)
             self.k_norm = RMSNorm(self.head_dim, cfg.get("rms_norm_eps", 1e-6), dtype)
-        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5, sliding_window)
+        self.attn = Attention(self.head_dim**-0.5, sliding_window)
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, kv_cache: torch.Tensor,
                 attn_metadata: AttentionMetadata) -> torch.Tensor:
@@ -47,7 +48,7 @@ class LlamaAttention(nn.Module):
         q = q.view(num_tokens, self.num_heads, self.head_dim)  # [num_tokens, num_heads, head_dim]
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)  # [num_tokens, num_kv_heads, head_dim]
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)  # [num_tokens, num_kv_heads, head_dim]
-        if hasattr(self, "q_norm"):
+        if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary_emb(positions, q, k)
         o = self.attn(q, k, v, kv_cache, attn_metadata)  # [num_tokens, num_heads, head_dim]
@@ -213,7 +214,7 @@ def _few(keys: list[str], limit: int = 5) -> str:
 
 
 def _rope_params(cfg: dict) -> tuple[float, dict]:
-    """(theta, scaling) from either layout: transformers>=5 `rope_parameters` or legacy `rope_theta` + `rope_scaling`."""
+    """(theta, scaling) from either layout: transformers>=5 `rope_parameters`, or `rope_theta` + `rope_scaling`."""
     scaling = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
     base = scaling.get("rope_theta", cfg.get("rope_theta", 10000.0))
     if scaling.get("rope_type", scaling.get("type")) == "llama3":

@@ -23,7 +23,8 @@ class ModelRunner:
             torch.set_num_threads(config.num_threads)
         self.dtype = DTYPES[config.model.dtype]
         self.block_size = config.cache.block_size
-        self.model = get_model_class(hf_config.get("architectures") or [])(hf_config, dtype=self.dtype)
+        model_class = get_model_class(hf_config.get("architectures") or [])
+        self.model = model_class(hf_config, dtype=self.dtype, batch_invariant=config.batch_invariant)
         self.model.load_weights(tensors)
         self.model.eval()
         bytes_per_token = 2 * self.model.num_layers * self.model.num_kv_heads * self.model.head_dim * self.dtype.itemsize

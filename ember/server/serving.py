@@ -169,10 +169,10 @@ class Serving:
     # ---- generation ----------------------------------------------------------------------------
     async def generate(
         self, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None = None, priority: int = 0
-    ) -> AsyncIterator[RequestOutput]:
+    ) -> "RequestStream":
         """Queues a request and returns its outputs; raises a ServingError before any output for bad input.
 
-        Closing the returned stream (or cancelling its consumer) aborts the request in the engine.
+        Closing the returned stream, cancelling its reader, or dropping it unread aborts the request.
         """
         request_id = f"req-{uuid.uuid4().hex}"
         try:
@@ -181,21 +181,7 @@ class Serving:
             )
         except Exception as exc:
             raise as_serving_error(exc) from exc
-        return self._observe(stream)
-
-    async def _observe(self, stream) -> AsyncIterator[RequestOutput]:
-        tracker = self.metrics.track() if self.metrics is not None else None
-        try:
-            async for output in stream:
-                if tracker is not None:
-                    tracker.on_output(output)
-                yield output
-        except (EngineDeadError, RequestAbortedError) as exc:
-            raise as_serving_error(exc) from exc
-        finally:
-            await stream.aclose()  # aborts the request if it has not finished
-            if tracker is not None:
-                tracker.on_end()
+        return RequestStream(self, request_id, stream)
 
     async def generate_final(self, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None = None, priority: int = 0) -> RequestOutput:
         """Runs a request to the end and returns its last output (cumulative text and tokens)."""
@@ -207,6 +193,56 @@ class Serving:
         finally:
             await stream.aclose()
         return final
+
+
+class RequestStream:
+    """One request's outputs, recorded in the metrics as they pass. Unless it ran to its end, closing it,
+    cancelling its reader, or dropping it unread (a client gone before its stream started) aborts it."""
+
+    def __init__(self, serving: Serving, request_id: str, stream: AsyncIterator[RequestOutput]):
+        self.request_id = request_id
+        self._engine = serving.engine
+        self._stream = stream
+        self._tracker = serving.metrics.track() if serving.metrics is not None else None
+        self._loop = asyncio.get_running_loop()
+        self._is_done = False
+
+    def __aiter__(self) -> "RequestStream":
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        try:
+            output = await self._stream.__anext__()
+        except StopAsyncIteration:
+            self._end()
+            raise
+        except (EngineDeadError, RequestAbortedError) as exc:
+            self._end()
+            raise as_serving_error(exc) from exc
+        except BaseException:  # cancelled: the engine stream aborted the request on its way out
+            self._end()
+            raise
+        if self._tracker is not None:
+            self._tracker.on_output(output)
+        if output.finished:
+            self._end()
+        return output
+
+    async def aclose(self) -> None:
+        if not self._is_done:
+            self._engine.abort(self.request_id)
+            self._end()
+        await self._stream.aclose()
+
+    def _end(self) -> None:
+        if not self._is_done:
+            self._is_done = True
+            if self._tracker is not None:
+                self._tracker.on_end()
+
+    def __del__(self) -> None:
+        if not self._is_done and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._engine.abort, self.request_id)
 
 
 async def merge_streams(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, object]]:

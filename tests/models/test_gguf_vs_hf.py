@@ -34,7 +34,8 @@ def test_next_token_logprobs_match(llm, hf_model, prompt):
     ours = llm.generate([ids], SamplingParams(temperature=0, max_tokens=1, logprobs=20), use_tqdm=False)[0]
     top = ours.outputs[0].logprobs[0][1:]
     with torch.inference_mode():
-        reference = torch.log_softmax(hf_model(torch.tensor([ids])).logits[0, -1].float(), dim=-1)
+        logits = hf_model(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long)).logits
+    reference = torch.log_softmax(logits[0, -1].float(), dim=-1)
     ref_values, ref_ids = reference.topk(20)
     assert [t.token_id for t in top][:5] == ref_ids.tolist()[:5]
     for entry in top:
@@ -45,6 +46,11 @@ def test_next_token_logprobs_match(llm, hf_model, prompt):
 def test_greedy_continuation_matches(llm, hf_model, prompt):
     ids = llm.get_tokenizer().encode(prompt, add_special_tokens=False)
     ours = llm.generate([ids], SamplingParams(temperature=0, max_tokens=32, ignore_eos=True), use_tqdm=False)[0]
+    # Like ignore_eos: neither stop at EOS nor forbid it (min_new_tokens would ban it). The explicit
+    # attention mask matters: the chat prompt holds <|im_end|>, which is also the pad token, and
+    # transformers would otherwise mask it out.
+    hf_model.generation_config.eos_token_id = None
     with torch.inference_mode():
-        reference = hf_model.generate(torch.tensor([ids]), max_new_tokens=32, min_new_tokens=32, do_sample=False)
+        reference = hf_model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                      max_new_tokens=32, do_sample=False)
     assert ours.outputs[0].token_ids == reference[0, len(ids):].tolist()

@@ -27,9 +27,10 @@ LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "hi
 CASES = {
     "llama": ("Llama", dict(tie_word_embeddings=False)),
     # SmolLM2 is exactly this: Llama with tied embeddings. Also checks the legacy rope_theta/rope_scaling keys.
-    "llama3-rope-tied": ("Llama", dict(tie_word_embeddings=True, rope_parameters=dict(LLAMA3_ROPE, rope_theta=500000.0))),
-    "llama-linear-rope-bias": ("Llama", dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
-                                            attention_bias=True, mlp_bias=True)),
+    "llama3-rope-tied": ("Llama", dict(tie_word_embeddings=True,
+                                       rope_parameters=dict(LLAMA3_ROPE, rope_theta=500000.0))),
+    "llama-linear-rope-bias": ("Llama", dict(attention_bias=True, mlp_bias=True,
+                                             rope_parameters=dict(rope_type="linear", factor=2.0, rope_theta=1e4))),
     "qwen2-tied": ("Qwen2", dict(tie_word_embeddings=True)),
     "qwen3": ("Qwen3", dict(head_dim=32)),  # head_dim from the config, not hidden_size / num_heads
     "mistral-sliding-window": ("Mistral", dict(sliding_window=8)),  # smaller than the prompt: the window matters
@@ -56,8 +57,8 @@ def build_hf(case: str, seed: int = 0):
     return hf, hf_config
 
 
-def build_ember(hf, hf_config: dict, batch_invariant: bool = False):
-    model = get_model_class(hf_config["architectures"])(hf_config, torch.float32, batch_invariant=batch_invariant)
+def build_ember(hf, hf_config: dict, batch_invariant: bool = False, dtype: torch.dtype = torch.float32):
+    model = get_model_class(hf_config["architectures"])(hf_config, dtype, batch_invariant=batch_invariant)
     model.load_weights(dict(hf.state_dict()))
     return model.eval()
 
@@ -136,11 +137,15 @@ def test_chunked_prefill_then_decode_matches_hf_greedy(case):
     assert ember_greedy == generated
 
 
-@pytest.mark.parametrize("case", ["llama", "qwen3", "mistral-sliding-window"])
-def test_batch_matches_each_sequence_alone_bitwise(case):
-    """A sequence's logits are bitwise the same whatever else shares its step (prefill, mixed, decode)."""
+@pytest.mark.parametrize("case, dtype", [("llama", torch.float32), ("qwen3", torch.float32),
+                                         ("mistral-sliding-window", torch.float32), ("llama", torch.bfloat16)])
+def test_batch_matches_each_sequence_alone_bitwise(case, dtype):
+    """A sequence's logits are bitwise the same whatever else shares its step (prefill, mixed, decode).
+
+    Needs batch_invariant=True: a plain CPU GEMM (MKL/oneDNN) changes a row's result with the number of rows.
+    """
     hf, hf_config = build_hf(case)
-    model = build_ember(hf, hf_config, batch_invariant=True)
+    model = build_ember(hf, hf_config, batch_invariant=True, dtype=dtype)
     prompts = [prompt(n, seed=10 + n) for n in (5, 11, 17)]
     # step 1: all three prompts; step 2: seq 0 and 2 decode while seq 1 prefills its next chunk; steps 3-5: decode
     steps = [[(i, p) for i, p in enumerate(prompts)], [(0, [7]), (1, [3, 1, 4, 1, 5, 9]), (2, [8])]]
@@ -158,6 +163,18 @@ def test_batch_matches_each_sequence_alone_bitwise(case):
             start = 0 if i == 0 else ends[i - 1].item()
             assert torch.equal(alone, hidden[start:ends[i]]), f"seq {i}: hidden states differ in {chunks}"
             assert torch.equal(model.compute_logits(alone[-1:]), logits[i:i + 1]), f"seq {i}: logits differ"
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bfloat16_is_as_accurate_as_hf_bfloat16(case):
+    """In bfloat16 both drift from the float32 logits; Ember's drift stays within HF's own (x1.5 margin)."""
+    hf, hf_config = build_hf(case)
+    tokens = prompt(PROMPT_LEN, seed=4)
+    reference = hf_logits(hf, tokens)
+    model = build_ember(hf, hf_config, dtype=torch.bfloat16)
+    ember_error = (model.compute_logits(PagedCache(model).step([(0, tokens)])) - reference).abs().max()
+    hf_error = (hf_logits(hf.to(torch.bfloat16), tokens) - reference).abs().max()
+    assert ember_error <= 1.5 * hf_error
 
 
 def test_tied_lm_head_may_be_absent_from_checkpoint():

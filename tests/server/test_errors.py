@@ -53,10 +53,12 @@ def test_openai_errors_then_success(base_url, path, body, status, param, fragmen
 
 
 def test_context_error_states_limit_and_counts(base_url):
-    r = httpx.post(base_url + "/v1/completions", json={**GOOD, "prompt": "Hi there", "max_tokens": 2046}, timeout=60)
+    num_prompt = httpx.post(base_url + "/tokenize", json={"prompt": "Hi there"}).json()["count"]
+    r = httpx.post(base_url + "/v1/completions", json={**GOOD, "prompt": "Hi there", "max_tokens": 2049 - num_prompt}, timeout=60)
     error = r.json()["error"]
-    assert error["code"] == "context_length_exceeded"
-    assert "2048 tokens" in error["message"] and "2049 tokens" in error["message"] and "3 in the prompt" in error["message"]
+    assert r.status_code == 400 and error["code"] == "context_length_exceeded"
+    assert "maximum context length is 2048 tokens" in error["message"]
+    assert f"you requested 2049 tokens ({num_prompt} in the prompt, {2049 - num_prompt} for the completion)" in error["message"]
 
 
 def test_malformed_json_and_wrong_types(base_url):

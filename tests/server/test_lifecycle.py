@@ -1,5 +1,5 @@
 """Queue overflow (503 + Retry-After) and SIGTERM (drain, clean ends, exit 0), on a server of their own:
-two running slots, one waiting slot, a 3-second drain."""
+two running slots, one waiting slot, a 4-second drain."""
 from __future__ import annotations
 
 import json
@@ -13,31 +13,36 @@ import pytest
 from tests.server.conftest import EmberServer
 
 LONG = {"model": "smollm2", "prompt": "Count to a thousand:", "max_tokens": 1000, "temperature": 0, "ignore_eos": True, "stream": True}
-SHORT = {**LONG, "max_tokens": 12}
+SHORT = {**LONG, "max_tokens": 6}
 
 
 @pytest.fixture(scope="module")
 def small_server(tmp_path_factory):
-    ember = EmberServer("--max-num-seqs", "2", "--max-queued-requests", "1", "--drain-timeout", "3",
+    ember = EmberServer("--max-num-seqs", "2", "--max-queued-requests", "1", "--drain-timeout", "4",
                         log_path=str(tmp_path_factory.mktemp("lifecycle") / "ember.log"))
     yield ember
     ember.stop()
 
 
 class StreamReader(threading.Thread):
-    """Reads one SSE response to its end in the background, keeping every `data:` payload."""
+    """Reads one SSE response in the background, keeping every `data:` payload, until it ends or `stop` is set."""
 
     def __init__(self, url: str, body: dict):
         super().__init__(daemon=True)
         self.url, self.body = url, body
         self.events: list = []
         self.first_token = threading.Event()
+        self.stop = threading.Event()
         self.error: Exception | None = None
+        self.start()
 
     def run(self) -> None:
         try:
             with httpx.stream("POST", self.url + "/v1/completions", json=self.body, timeout=60) as response:
+                self.status_code = response.status_code
                 for line in response.iter_lines():
+                    if self.stop.is_set():
+                        break  # closes the connection: the server aborts the request
                     if line.startswith("data: "):
                         payload = line[len("data: "):]
                         self.events.append(payload if payload == "[DONE]" else json.loads(payload))
@@ -69,22 +74,17 @@ def _wait_for(predicate, timeout: float = 10.0) -> None:
 
 def test_queue_overflow_gets_503(small_server):
     url = small_server.url
-    with httpx.Client(timeout=60) as client:
-        running = [client.stream("POST", url + "/v1/completions", json=LONG) for _ in range(2)]
-        for stream in running:
-            response = stream.__enter__()
-            next(line for line in response.iter_lines() if '"text"' in line)  # it is generating
-        waiting = client.stream("POST", url + "/v1/completions", json=LONG).__enter__()
-        assert waiting.status_code == 200
-        _wait_for(lambda: small_server.metric("ember:num_requests_waiting") == 1)
-        with httpx.Client(timeout=60) as other:
-            refused = other.post(url + "/v1/completions", json={**LONG, "stream": False})
-        assert refused.status_code == 503 and refused.headers["Retry-After"] == "1"
-        assert refused.json()["error"]["type"] == "server_overloaded"
-        waiting.close()
-        for stream in running:
-            stream.__exit__(None, None, None)
+    running = [StreamReader(url, LONG), StreamReader(url, LONG)]
+    assert all(r.first_token.wait(30) for r in running)
+    waiting = StreamReader(url, LONG)
+    _wait_for(lambda: small_server.metric("ember:num_requests_waiting") == 1)
+    refused = httpx.post(url + "/v1/completions", json={**LONG, "stream": False}, timeout=30)
+    assert refused.status_code == 503 and refused.headers["Retry-After"] == "1"
+    assert refused.json()["error"]["type"] == "server_overloaded"
+    for reader in running + [waiting]:
+        reader.stop.set()
     _wait_for(lambda: small_server.metric("ember:num_requests_running") == 0 and small_server.metric("ember:num_requests_waiting") == 0)
+    assert waiting.status_code == 200  # accepted into the queue, never dropped; it ended when its client left
     ok = httpx.post(url + "/v1/completions", json={**SHORT, "stream": False}, timeout=60)
     assert ok.status_code == 200
 
@@ -92,8 +92,6 @@ def test_queue_overflow_gets_503(small_server):
 def test_sigterm_drains_and_exits_zero(small_server):
     """Runs last: a short stream completes, a long one ends with an error event at the drain timeout."""
     short, long = StreamReader(small_server.url, SHORT), StreamReader(small_server.url, LONG)
-    short.start()
-    long.start()
     assert short.first_token.wait(30) and long.first_token.wait(30)
     small_server.process.send_signal(signal.SIGTERM)
     time.sleep(0.5)

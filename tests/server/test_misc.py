@@ -66,3 +66,17 @@ def test_metrics_count_requests(base_url):
     assert _total(after, "ember:prefix_cache_hits_total") > _total(before, "ember:prefix_cache_hits_total")
     assert after['ember:num_requests_running{model_name="smollm2"}'] == 0
     assert 0 <= after['ember:kv_cache_usage_perc{model_name="smollm2"}'] <= 1
+
+
+def test_chat_cli_against_the_server(base_url):
+    """`ember chat --url`: streamed answers, history kept across turns, /clear and /exit."""
+    from ember.cli import build_parser, run_chat
+
+    args = build_parser().parse_args(["chat", "smollm2", "--url", base_url, "--max-tokens", "5", "--temperature", "0"])
+    lines = iter(["Hi!", "And again?", "/clear", "/exit"])
+    written: list[str] = []
+    assert run_chat(args, read=lambda prompt: next(lines), write=written.append) == 0
+    text = "".join(written)
+    assert "(history cleared)" in text and "[error" not in text
+    answers = text.split("\n")[1:3]
+    assert all(answers), text

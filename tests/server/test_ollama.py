@@ -1,6 +1,8 @@
 """The Ollama protocol through the `ollama` Python client."""
 from __future__ import annotations
 
+import json
+
 import httpx
 import ollama
 import pytest
@@ -32,9 +34,17 @@ def test_generate(client):
     assert response.done and response.done_reason == "length" and response.eval_count == 8
     assert response.response and response.prompt_eval_count > 5 and response.total_duration > 0
     assert len(response.context) == response.prompt_eval_count + 8
-    stream = list(client.generate(model=f"{MODEL_NAME}:latest", prompt="Why is the sky blue?", options=GREEDY))  # streams by default
+    stream = list(client.generate(model=f"{MODEL_NAME}:latest", prompt="Why is the sky blue?", options=GREEDY, stream=True))
     assert len(stream) > 2 and stream[-1].done and not any(part.done for part in stream[:-1])
     assert "".join(part.response for part in stream) == response.response
+
+
+def test_streams_ndjson_by_default(base_url):
+    body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "Hi"}], "options": GREEDY}
+    with httpx.stream("POST", base_url + "/api/chat", json=body, timeout=60) as r:
+        assert r.headers["content-type"] == "application/x-ndjson"
+        lines = [json.loads(line) for line in r.iter_lines() if line]
+    assert len(lines) > 2 and lines[-1]["done"] and lines[-1]["eval_count"] == 8
 
 
 def test_generate_raw_and_context(client, base_url):

@@ -141,13 +141,13 @@ def test_seed_reproducible_chat(client):
 
 
 def test_sixteen_concurrent_streams_match_alone(client):
-    prompts = [f"Write a sentence about the number {i}:" for i in range(16)]
+    prompts = [f"Fact number {i}:" for i in range(16)]
 
     def stream_text(prompt):
-        stream = client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=10, temperature=0, stream=True)
+        stream = client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=6, temperature=0, stream=True)
         return "".join(c.choices[0].text for c in stream if c.choices)
 
-    alone = [client.completions.create(model=MODEL_NAME, prompt=p, max_tokens=10, temperature=0).choices[0].text for p in prompts]
+    alone = [client.completions.create(model=MODEL_NAME, prompt=p, max_tokens=6, temperature=0).choices[0].text for p in prompts]
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         together = list(pool.map(stream_text, prompts))
     assert together == alone
@@ -168,3 +168,14 @@ def test_cancelled_stream_is_aborted(server, client):
         assert time.monotonic() - closed_at < 1.0, "the cancelled request is still running"
         time.sleep(0.05)
     assert client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=2, temperature=0).choices[0].text
+
+
+def test_disconnected_non_streamed_request_is_aborted(server, base_url):
+    """A client that gives up on a non-streamed request (here: its read timeout) frees its slot too."""
+    body = {"model": MODEL_NAME, "prompt": PROMPT, "max_tokens": 1000, "temperature": 0, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(base_url + "/v1/completions", json=body, timeout=1.5)
+    gave_up_at = time.monotonic()
+    while server.metric("ember:num_requests_running") != 0:
+        assert time.monotonic() - gave_up_at < 1.0, "the abandoned request is still running"
+        time.sleep(0.05)

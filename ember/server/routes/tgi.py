@@ -118,7 +118,9 @@ class QwenDemoRequest(BaseModel):
     prompt: str
 
 
-QWEN_DEMO_MAX_NEW_TOKENS = 512  # what the demo passes to model.generate
+# The demo's max_new_tokens; greedy, so the same prompt gets the same answer (the demo's sampling comes from
+# each model's generation_config.json, which a GGUF does not carry).
+QWEN_DEMO_SAMPLING = dict(max_tokens=512, temperature=0.0)
 
 
 @router.post("/")
@@ -136,7 +138,7 @@ async def compat_generate(raw_request: Request, body: dict = Body(...)):
         request = _validate(QwenDemoRequest, body)
         _, token_ids = serving.chat_prompt([{"role": "user", "content": request.prompt}])
         serving.check_context(len(token_ids), None, prompt_param="prompt")
-        final = await serving.generate_final(token_ids, SamplingParams(max_tokens=QWEN_DEMO_MAX_NEW_TOKENS))
+        final = await serving.generate_final(token_ids, SamplingParams(**QWEN_DEMO_SAMPLING))
         now = datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
         return {"response": final.outputs[0].text, "status": 200, "time": now}
     raise InvalidRequestError('expected a TGI body {"inputs", "parameters"} or {"prompt"}', param="inputs")
