@@ -9,7 +9,7 @@ Ember's figure over each peer's. Peers, when found (see ../shared/peers/setup.sh
 Not a test: run it with nothing else on the machine.
 
     .venv/bin/python benchmarks/serving.py [--concurrency 1 4 16] [--max-tokens 64] [--threads 2]
-        [--llamacpp-py $LLAMACPP_PY] [--llama-server $LLAMA_SERVER] [--skip-ember]
+        [--llamacpp-py $LLAMACPP_PY] [--llama-server $LLAMA_SERVER] [--servers ember llama-server llama-cpp-python]
 """
 from __future__ import annotations
 
@@ -58,8 +58,9 @@ class Peer:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"{self.name} exited with {self.process.returncode}: {' '.join(self.command)}")
-            try:
-                if httpx.get(self.url + "/v1/models", timeout=1).status_code == 200:
+            try:  # llama-server answers /health with 503 while it loads; llama-cpp-python has only /v1/models
+                health = httpx.get(self.url + "/health", timeout=1).status_code
+                if health == 200 or (health == 404 and httpx.get(self.url + "/v1/models", timeout=1).status_code == 200):
                     return
             except httpx.HTTPError:
                 pass
@@ -136,7 +137,7 @@ HIGHER_IS_BETTER = {"req/s", "tok/s"}
 
 
 def print_table(rows: dict[tuple[int, str], dict], concurrencies: list[int], names: list[str]) -> None:
-    header = f"{'conc':>4}  {'server':<18}" + "".join(f"{c:>11}" for c in COLUMNS)
+    header = f"{'conc':>4}  {'server':<28}" + "".join(f"{c:>11}" for c in COLUMNS)
     print(header)
     print("-" * len(header))
     for c in concurrencies:
@@ -144,13 +145,13 @@ def print_table(rows: dict[tuple[int, str], dict], concurrencies: list[int], nam
             if (c, name) in rows:
                 r = rows[(c, name)]
                 cells = "".join(f"{r[k]:>11.2f}" if k in HIGHER_IS_BETTER else f"{r[k] * 1000:>9.0f}ms" for k in COLUMNS)
-                print(f"{c:>4}  {name:<18}{cells}")
+                print(f"{c:>4}  {name:<28}{cells}")
         if (c, "ember") in rows:
             for name in names:
                 if name != "ember" and (c, name) in rows:
                     e, p = rows[(c, "ember")], rows[(c, name)]
                     cells = "".join(f"{e[k] / p[k]:>10.2f}x" if p[k] else f"{'-':>11}" for k in COLUMNS)
-                    print(f"{c:>4}  {'ember / ' + name:<18}{cells}")
+                    print(f"{c:>4}  {'ember / ' + name:<28}{cells}")
         print()
     print("ratios: req/s and tok/s above 1 favour Ember; ttft and itl below 1 favour Ember.")
 
@@ -166,7 +167,8 @@ def main() -> int:
     parser.add_argument("--gguf", default=os.environ.get("SMOLLM2_GGUF"))
     parser.add_argument("--llamacpp-py", default=os.environ.get("LLAMACPP_PY"))
     parser.add_argument("--llama-server", default=os.environ.get("LLAMA_SERVER"))
-    parser.add_argument("--skip-ember", action="store_true")
+    parser.add_argument("--servers", nargs="+", default=["ember", "llama-server", "llama-cpp-python"])
+    parser.add_argument("--ember-flags", default="", help='extra `ember serve` flags, e.g. "--no-batch-invariant"')
     args = parser.parse_args()
 
     from ember.loader.hub import embedded_model_path
@@ -174,23 +176,29 @@ def main() -> int:
     gguf = args.gguf or embedded_model_path()
     slots = max(args.concurrency)
     peers = []
-    if not args.skip_ember:
+    if "ember" in args.servers:
         port = free_port()
         peers.append(Peer("ember", [sys.executable, "-m", "ember", "serve", gguf, "--port", str(port), "--served-model-name", "m",
-                                    "--num-threads", str(args.threads), "--max-model-len", str(args.ctx)],
+                                    "--num-threads", str(args.threads), "--max-model-len", str(args.ctx), *args.ember_flags.split()],
                           port, "m", {"ignore_eos": True}))
-    if args.llama_server and os.path.exists(args.llama_server):
+    if "llama-server" not in args.servers:
+        pass
+    elif args.llama_server and os.path.exists(args.llama_server):
         port = free_port()
         peers.append(Peer("llama-server", [args.llama_server, "-m", gguf, "--port", str(port), "-t", str(args.threads),
                                            "-c", str(args.ctx * slots), "--parallel", str(slots), "--cont-batching"],
                           port, "m", {"ignore_eos": True}))
     else:
         print("llama-server not found (../shared/peers/setup.sh llamacpp builds it); skipping it", file=sys.stderr)
-    if args.llamacpp_py and os.path.exists(args.llamacpp_py):
+    if "llama-cpp-python" not in args.servers:
+        pass
+    elif args.llamacpp_py and os.path.exists(args.llamacpp_py):
         port = free_port()
         # llama-cpp-python has no ignore_eos: its requests may stop early; tok/s counts what it streamed.
+        # --interrupt_requests False: queue concurrent requests instead of cutting the running stream.
         peers.append(Peer("llama-cpp-python", [args.llamacpp_py, "-m", "llama_cpp.server", "--model", gguf, "--port", str(port),
-                                               "--n_threads", str(args.threads), "--n_ctx", str(args.ctx), "--model_alias", "m"],
+                                               "--n_threads", str(args.threads), "--n_ctx", str(args.ctx), "--model_alias", "m",
+                                               "--interrupt_requests", "False"],
                           port, "m"))
     else:
         print("llama-cpp-python not found; skipping it", file=sys.stderr)
@@ -208,7 +216,7 @@ def main() -> int:
         finally:
             peer.stop()
     print(f"\nstreaming /v1/completions, {args.max_tokens} new tokens per request, ~{args.prompt_words + 4}-word prompts, "
-          f"{args.threads} threads, {os.path.basename(gguf)}\n")
+          f"{args.threads} threads, {os.path.basename(gguf)}{', ember ' + args.ember_flags if args.ember_flags else ''}\n")
     print_table(rows, args.concurrency, [p.name for p in peers])
     return 0
 

@@ -22,7 +22,7 @@ from ember.server.metrics import ServerMetrics
 from ember.server.protocol import ollama as ollama_protocol
 from ember.server.protocol import openai as openai_protocol
 from ember.server.protocol import tgi as tgi_protocol
-from ember.server.routes import health, metrics, ollama, openai, tgi, tokens
+from ember.server.routes import health, metrics, ollama, openai, tgi, tokens, web
 from ember.server.serving import InvalidRequestError, Serving, ServingError, as_serving_error
 
 logger = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
     app.add_middleware(_JSONBodies)
     app.state.serving = serving
     app.state.metrics = serving.metrics
-    for module in (openai, tgi, ollama, tokens, health, metrics):
+    for module in (openai, tgi, ollama, tokens, health, metrics, web):
         app.include_router(module.router)
 
     app.add_exception_handler(RequestValidationError, _validation_error)
