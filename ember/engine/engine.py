@@ -240,7 +240,11 @@ class LLMEngine:
             outputs=completions,
             finished=parent.finished,
             num_cached_tokens=first.num_cached_tokens,
-            metrics={"arrival_time": parent.arrival_time, "first_token_time": parent.first_token_time},
+            metrics={
+                "arrival_time": parent.arrival_time,
+                "scheduled_time": first.scheduled_time,
+                "first_token_time": parent.first_token_time,
+            },
         )
 
 

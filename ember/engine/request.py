@@ -44,6 +44,7 @@ class Request:
         self.num_computed_tokens = 0  # tokens whose K/V sit in the cache
         self.num_cached_tokens = 0  # of the prompt, served from the prefix cache at first scheduling
         self.num_preemptions = 0
+        self.scheduled_time: float | None = None  # when first scheduled (queue time = this - arrival)
         self.stop_reason: str | int | None = None
 
     @property

@@ -9,6 +9,7 @@ decode is the case of one token. When blocks run out, the newest running request
 from __future__ import annotations
 
 import bisect
+import time
 
 from ember.config import SchedulerConfig
 from ember.engine.kv_cache_manager import KVCacheManager
@@ -94,6 +95,7 @@ class Scheduler:
             request.num_computed_tokens = num_cached
             if request.num_preemptions == 0:
                 request.num_cached_tokens = num_cached
+                request.scheduled_time = time.monotonic()
             self.running.append(request)
             scheduled.append((request, num_new))
             budget -= num_new

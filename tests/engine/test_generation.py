@@ -35,7 +35,7 @@ def test_batch_equals_alone(llm, alone):
 
 def test_preemption_leaves_outputs_unchanged(alone):
     # 12 blocks of 16 tokens cannot hold 8 sequences of ~35 tokens: requests get preempted and recomputed.
-    small = LLM(progress=False, max_model_len=256, num_kv_blocks=12, enable_prefix_caching=False)
+    small = LLM(progress=False, max_model_len=256, num_kv_blocks=12, enable_prefix_caching=False, batch_invariant=True)
     outputs = small.generate(PROMPTS, GREEDY, use_tqdm=False)
     assert small.engine.scheduler.num_preemptions > 0
     assert texts(outputs) == texts(alone)
@@ -43,7 +43,8 @@ def test_preemption_leaves_outputs_unchanged(alone):
 
 
 def test_chunked_prefill_leaves_outputs_unchanged(alone):
-    chunked = LLM(progress=False, max_model_len=256, max_num_batched_tokens=5, kv_cache_memory_gib=0.05)
+    chunked = LLM(progress=False, max_model_len=256, max_num_batched_tokens=5, kv_cache_memory_gib=0.05,
+                  batch_invariant=True)
     assert texts(chunked.generate(PROMPTS[:3], GREEDY, use_tqdm=False)) == texts(alone[:3])
 
 

@@ -12,7 +12,8 @@ import httpx
 import pytest
 
 MODEL_NAME = "smollm2"
-SMALL = ["--max-model-len", "2048", "--kv-cache-memory-gib", "0.25"]
+# Batch-invariant mode: the tests compare concurrent requests with the same request sent alone.
+SMALL = ["--max-model-len", "2048", "--kv-cache-memory-gib", "0.25", "--batch-invariant"]
 
 
 class EmberServer:
