@@ -38,7 +38,7 @@ class LlamaAttention(nn.Module):
         if use_qk_norm:  # Qwen3: RMSNorm over each head's vector, before RoPE
             self.q_norm = RMSNorm(self.head_dim, cfg.get("rms_norm_eps", 1e-6), dtype)
             self.k_norm = RMSNorm(self.head_dim, cfg.get("rms_norm_eps", 1e-6), dtype)
-        self.attn = Attention(self.head_dim**-0.5, sliding_window)
+        self.attn = Attention(self.head_dim**-0.5, sliding_window, batch_invariant)
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, kv_cache: torch.Tensor,
                 attn_metadata: AttentionMetadata) -> torch.Tensor:
