@@ -52,7 +52,11 @@ class AsyncEngine:
 
     @property
     def num_waiting(self) -> int:
-        return len(self.engine.scheduler.waiting) + len(self._pending_adds)
+        """Requests waiting for a running slot. A request just added is not waiting while a slot is free
+        for it (it is only not scheduled yet), so back-to-back arrivals are not refused by the queue bound."""
+        queued = len(self.engine.scheduler.waiting) + len(self._pending_adds)
+        free_slots = self.engine.config.scheduler.max_num_seqs - len(self.engine.scheduler.running)
+        return max(0, queued - free_slots)
 
     @property
     def num_in_flight(self) -> int:
