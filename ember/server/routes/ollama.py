@@ -53,15 +53,7 @@ async def generate(request: GenerateRequest, raw_request: Request):
         body["context"] = list(output.prompt_token_ids) + list(output.outputs[0].token_ids)
         return body
 
-    if request.stream:
-        return event_stream(_chunks(request.model, stream, "response", final), _ndjson, error_body, "application/x-ndjson")
-    output = None
-    async for output in stream:
-        pass
-    body = final(output, output.outputs[0].text)
-    if request.logprobs:
-        body["logprobs"] = logprobs(output.outputs[0], 0)
-    return body
+    return await _respond(request, stream, "response", final)
 
 
 @router.post("/api/chat")
@@ -85,8 +77,13 @@ async def chat(request: ChatRequest, raw_request: Request):
         body.update(final_fields(output, time.monotonic()))
         return body
 
+    return await _respond(request, stream, "message", final)
+
+
+async def _respond(request, stream, field: str, final):
+    """NDJSON lines as the text comes (Ollama's default), or one object at the end with `stream: false`."""
     if request.stream:
-        return event_stream(_chunks(request.model, stream, "message", final), _ndjson, error_body, "application/x-ndjson")
+        return event_stream(_chunks(request.model, stream, field, final), _ndjson, error_body, "application/x-ndjson")
     output = None
     async for output in stream:
         pass
