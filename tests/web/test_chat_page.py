@@ -174,7 +174,8 @@ def test_keyboard_and_narrow_screen(browser, server):
     os.makedirs(ARTIFACTS, exist_ok=True)
     page.screenshot(path=os.path.join(ARTIFACTS, "chat-narrow.png"))
     page.get_by_role("button", name="Copy code").click()
-    assert page.get_by_role("button", name="Copy code").inner_text() == "Copied"
+    # the label changes once the asynchronous clipboard write has finished, so wait for it
+    page.wait_for_function("() => document.querySelector('.msg.assistant .copy').textContent === 'Copied'")
     assert page.evaluate("navigator.clipboard.readText()") == "console.log('<hi>');"
     box = page.get_by_label("Message", exact=True)
     box.press("a")
