@@ -59,10 +59,28 @@ class Scheduler:
         scheduled: list[tuple[Request, int]] = []
         preempted: list[Request] = []
 
-        # Running requests first, in order; preempt from the back when blocks run out.
+        # Running requests in order (sorted by priority), preempting from the back when blocks run out.
+        # A waiting request of strictly better priority goes before the running ones it outranks, and
+        # may preempt them for a slot or for blocks: a long chat cannot stall an editor's completion.
         i = 0
-        while i < len(self.running) and budget > 0:
-            request = self.running[i]
+        while budget > 0:
+            request = self.running[i] if i < len(self.running) else None
+            head = self.waiting[0] if self.waiting else None
+            if head is not None and (request is None or head.priority < request.priority):
+                if request is None and preempted:
+                    break  # this step had to preempt: no room to spare for equal or lower priorities
+                num_new = self._admit(head, budget, i, preempted)
+                if num_new == 0:
+                    if request is None:
+                        break
+                    head = None
+                else:
+                    scheduled.append((head, num_new))
+                    budget -= num_new
+                    i += 1
+                    continue
+            if request is None:
+                break
             num_new = self._num_new_tokens(request, budget)
             if num_new == 0:
                 i += 1
@@ -78,28 +96,6 @@ class Scheduler:
                 budget -= num_new
                 i += 1
 
-        # Then waiting requests, unless this step had to preempt (no room to spare).
-        while self.waiting and not preempted and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            request = self.waiting[0]
-            computed_block_ids, num_cached = [], 0
-            if request.num_computed_tokens == 0:
-                computed_block_ids, num_cached = self.kv_cache.get_computed_blocks(request)
-            num_new = self._num_new_tokens(request, budget, num_computed=num_cached)
-            if num_new == 0:
-                break
-            if not self.kv_cache.allocate_slots(request, num_new, computed_block_ids):
-                break
-            self.kv_cache.record_prefix_lookup(request.num_tokens, num_cached)
-            self.waiting.pop(0)
-            request.status = RequestStatus.RUNNING
-            request.num_computed_tokens = num_cached
-            if request.num_preemptions == 0:
-                request.num_cached_tokens = num_cached
-                request.scheduled_time = time.monotonic()
-            self.running.append(request)
-            scheduled.append((request, num_new))
-            budget -= num_new
-
         output = SchedulerOutput(
             requests=[self._scheduled(request, num_new) for request, num_new in scheduled],
             finished_request_ids=self.finished_request_ids,
@@ -107,6 +103,42 @@ class Scheduler:
         )
         self.finished_request_ids = set()
         return output
+
+    def _admit(self, request: Request, budget: int, position: int, preempted: list[Request]) -> int:
+        """Moves the head of the waiting queue into `running[position]` with its first tokens scheduled,
+        preempting running requests of worse priority if it needs their slot or blocks. Returns how many
+        tokens were scheduled (0: it stays waiting)."""
+        while len(self.running) >= self.config.max_num_seqs:
+            if not self._preempt_worse_than(request, preempted):
+                return 0
+        while True:
+            computed_block_ids, num_cached = [], 0
+            if request.num_computed_tokens == 0:
+                computed_block_ids, num_cached = self.kv_cache.get_computed_blocks(request)
+            num_new = self._num_new_tokens(request, budget, num_computed=num_cached)
+            if num_new == 0:
+                return 0
+            if self.kv_cache.allocate_slots(request, num_new, computed_block_ids):
+                break
+            if not self._preempt_worse_than(request, preempted):
+                return 0
+        self.kv_cache.record_prefix_lookup(request.num_tokens, num_cached)
+        self.waiting.pop(0)
+        request.status = RequestStatus.RUNNING
+        request.num_computed_tokens = num_cached
+        if request.num_preemptions == 0:
+            request.num_cached_tokens = num_cached
+            request.scheduled_time = time.monotonic()
+        self.running.insert(min(position, len(self.running)), request)
+        return num_new
+
+    def _preempt_worse_than(self, request: Request, preempted: list[Request]) -> bool:
+        if not self.running or self.running[-1].priority <= request.priority:
+            return False
+        victim = self.running.pop()
+        self._preempt(victim)
+        preempted.append(victim)
+        return True
 
     def _num_new_tokens(self, request: Request, budget: int, num_computed: int | None = None) -> int:
         num_computed = request.num_computed_tokens if num_computed is None else num_computed

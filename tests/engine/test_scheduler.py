@@ -125,3 +125,26 @@ def test_max_num_seqs_and_priority_order():
     add(s, "chat2", 4, first_token=50, arrival=2.0)
     add(s, "editor", 4, first_token=100, priority=-1, arrival=3.0)
     assert [r.request_id for r in run_step(s).requests] == ["editor", "chat"]
+
+
+def test_better_priority_goes_before_running_prefill_and_takes_a_full_slot():
+    s = make_scheduler(max_num_batched_tokens=8, max_num_seqs=2)
+    add(s, "chat", 20, arrival=0.0)
+    assert summary(run_step(s)) == [("chat", 0, 8, False)]
+    # An editor completion (priority -1) gets the budget ahead of the chat's remaining prefill.
+    add(s, "fim", 3, first_token=100, priority=-1, arrival=1.0)
+    assert summary(run_step(s)) == [("fim", 0, 3, True), ("chat", 8, 5, False)]
+    assert [r.request_id for r in s.running] == ["fim", "chat"]
+    # With every slot taken by lower priorities, a better one preempts the last of them.
+    add(s, "fim2", 2, first_token=200, priority=-1, arrival=2.0)
+    output = run_step(s)
+    assert output.preempted_request_ids == ["chat"]
+    assert summary(output) == [("fim", 3, 1, True), ("fim2", 0, 2, True)]
+    assert s.requests["chat"].status == RequestStatus.PREEMPTED and s.requests["chat"].num_computed_tokens == 0
+    # Equal priorities never preempt each other for a slot.
+    add(s, "fim3", 2, first_token=300, priority=-1, arrival=3.0)
+    assert summary(run_step(s)) == [("fim", 4, 1, True), ("fim2", 2, 1, True)]
+    s.finish_request("fim", RequestStatus.FINISHED_STOPPED)
+    s.finish_request("fim2", RequestStatus.FINISHED_STOPPED)
+    # The chat resumes from its full blocks, still in the prefix cache (3 blocks of 4).
+    assert summary(run_step(s)) == [("fim3", 0, 2, True), ("chat", 12, 6, False)]
