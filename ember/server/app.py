@@ -22,7 +22,9 @@ from ember.server.metrics import ServerMetrics
 from ember.server.protocol import ollama as ollama_protocol
 from ember.server.protocol import openai as openai_protocol
 from ember.server.protocol import tgi as tgi_protocol
-from ember.server.routes import health, metrics, ollama, openai, tgi, tokens, web
+from ember.server.editor import EditorService
+from ember.server.protocol import llamacpp as llamacpp_protocol
+from ember.server.routes import completion, health, metrics, ollama, openai, tgi, tokens, web
 from ember.server.serving import InvalidRequestError, Serving, ServingError, as_serving_error
 
 logger = logging.getLogger(__name__)
@@ -43,13 +45,14 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
     app = FastAPI(
         title="Ember",
         version=__version__,
-        description="A self-hosted LLM server: OpenAI, TGI and Ollama protocols over one engine.",
+        description="A self-hosted LLM server: OpenAI, TGI, Ollama and editor (llama.cpp infill, Copilot, Tabby) protocols over one engine.",
         lifespan=lifespan,
     )
     app.add_middleware(_JSONBodies)
     app.state.serving = serving
     app.state.metrics = serving.metrics
-    for module in (openai, tgi, ollama, tokens, health, metrics, web):
+    app.state.editor = EditorService(serving)
+    for module in (openai, completion, tgi, ollama, tokens, health, metrics, web):
         app.include_router(module.router)
 
     app.add_exception_handler(RequestValidationError, _validation_error)
@@ -80,6 +83,8 @@ def error_response(request: Request, err: ServingError) -> JSONResponse:
     headers = {"Retry-After": str(getattr(err, "retry_after_s", 1))} if err.status_code == 503 else None
     if path.startswith("/api/"):
         return JSONResponse(ollama_protocol.error_body(err), err.status_code, headers)
+    if path == "/infill":
+        return JSONResponse(llamacpp_protocol.error_body(err), err.status_code, headers)
     if path in TGI_PATHS:
         return JSONResponse(tgi_protocol.error_body(err), tgi_protocol.status_code(err), headers)
     return JSONResponse(openai_protocol.error_body(err), err.status_code, headers)

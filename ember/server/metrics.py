@@ -45,6 +45,14 @@ class ServerMetrics:
         self.tpot = histogram("ember:time_per_output_token_seconds", "Time per output token.", TPOT_BUCKETS).labels(model_name)
         self.e2e = histogram("ember:e2e_request_latency_seconds", "End-to-end request latency.", LATENCY_BUCKETS).labels(model_name)
         self.queue_time = histogram("ember:request_queue_time_seconds", "Time a request waited before it was first scheduled.", LATENCY_BUCKETS).labels(model_name)
+        # Editor completions (server/editor.py)
+        self.fim_requests = counter("ember:fim_requests", "Editor completion requests, by prompt mode (fim or prefix-only).", ["mode"])
+        self.superseded = counter("ember:completion_superseded", "Editor completions cancelled by a newer request of their session.").labels(model_name)
+        self.typed_ahead_reuses = counter("ember:completion_typed_ahead_reuses", "Editor completions answered from the generation the user typed ahead through.").labels(model_name)
+        self.completion_ttft = histogram("ember:completion_time_to_first_token_seconds", "Editor completions: time to the first delivered text.", TTFT_BUCKETS).labels(model_name)
+        self.completion_first_line = histogram("ember:completion_time_to_first_line_seconds", "Editor completions: time to the first full line (or the end).", TTFT_BUCKETS).labels(model_name)
+        for mode in ("fim", "prefix"):
+            self.fim_requests.labels(model_name, mode)
         self.registry.register(_EngineCollector(engine, model_name))
 
     def track(self) -> "RequestTracker":

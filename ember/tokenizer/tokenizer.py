@@ -29,12 +29,15 @@ class Tokenizer:
         pad_token_id: int | None = None,
         extra_eos_token_ids: tuple[int, ...] = (),
         chat_template: str | None = None,
+        fim_token_ids: dict[str, int] | None = None,
     ):
         self.backend = backend
         self.bos_token_id = bos_token_id
         self.eos_token_id = eos_token_id
         self.pad_token_id = pad_token_id
         self.chat_template = chat_template
+        # "pre"/"suf"/"mid"/"pad"/"rep"/"sep" as the GGUF names them; empty: look FIM tokens up by spelling.
+        self.fim_token_ids = dict(fim_token_ids or {})
         added = backend.get_added_tokens_decoder()
         self.all_special_ids = sorted(token_id for token_id, token in added.items() if token.special)
         self.eos_token_ids = {i for i in self.all_special_ids if added[i].content in _END_OF_GENERATION_TOKENS}
@@ -87,6 +90,7 @@ class Tokenizer:
             pad_token_id=metadata.get("tokenizer.ggml.padding_token_id"),
             extra_eos_token_ids=tuple(token_id for token_id in extra_eos if token_id is not None),
             chat_template=metadata.get("tokenizer.chat_template"),
+            fim_token_ids=_gguf_fim_token_ids(metadata),
         )
 
     @property
@@ -132,6 +136,19 @@ class Tokenizer:
 
     def _token(self, token_id: int | None) -> str | None:
         return None if token_id is None else self.backend.id_to_token(token_id)
+
+
+def _gguf_fim_token_ids(metadata: dict) -> dict[str, int]:
+    # Older conversions store only prefix/suffix/middle, under other names.
+    legacy = {"pre": "prefix", "suf": "suffix", "mid": "middle"}
+    found = {}
+    for key in ("pre", "suf", "mid", "pad", "rep", "sep"):
+        token_id = metadata.get(f"tokenizer.ggml.fim_{key}_token_id")
+        if token_id is None and key in legacy:
+            token_id = metadata.get(f"tokenizer.ggml.{legacy[key]}_token_id")
+        if token_id is not None:
+            found[key] = int(token_id)
+    return found
 
 
 def _read_json(path: str) -> dict:

@@ -21,7 +21,7 @@ OPENAI_CASES = [
     ("/v1/completions", {**GOOD, "n": 0}, 400, "n", "at least 1"),
     ("/v1/completions", {**GOOD, "logprobs": 50}, 400, "logprobs", "[0, 20]"),
     ("/v1/completions", {**GOOD, "guided_regex": "a+"}, 400, "guided_regex", "unsupported field"),
-    ("/v1/completions", {**GOOD, "suffix": "}"}, 400, "suffix", "not supported"),
+    ("/v1/completions", {**GOOD, "suffix": "}", "n": 2}, 400, "n", "with suffix, n must be 1"),
     ("/v1/completions", {**GOOD, "logit_bias": {"1": 5}}, 400, "logit_bias", "not supported"),
     ("/v1/completions", {**GOOD, "echo": True, "logprobs": 1}, 400, "echo", "logprobs"),
     ("/v1/completions", {**GOOD, "stream_options": {"include_usage": True}}, 400, "stream_options", "stream"),

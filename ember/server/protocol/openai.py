@@ -3,6 +3,8 @@
 Field names follow the OpenAI API reference, plus vLLM's sampling extensions (top_k, min_p,
 repetition_penalty, min_tokens, stop_token_ids, ignore_eos, ...). Unknown fields are a 400; fields that
 exist in the API but that Ember does not implement are accepted only at their neutral value.
+A completion with `suffix` is fill-in-the-middle: it becomes a `FimRequest` (`fim_request`) and its answer
+an `EditorCompletion`, rendered by `fim_completion_response` / `fim_completion_chunk`.
 """
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ember.outputs import CompletionOutput, Logprob
 from ember.sampling_params import SamplingParams
+from ember.server.editor import EditorCompletion, FimRequest
+from ember.tokenizer import FimTemplate
 from ember.server.serving import InvalidRequestError, Serving, ServingError, reject_unsupported
 
 
@@ -56,7 +60,7 @@ class _SamplingRequest(_Strict):
 
     def _sampling_params(self, serving: Serving, max_tokens: int | None, logprobs: int | None, names: dict) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        return serving.sampling_params(
+        return Serving.sampling_params(  # static: `serving` may be None in pure translation
             names,
             n=self.n,
             max_tokens=max_tokens,
@@ -89,7 +93,7 @@ class CompletionRequest(_SamplingRequest):
     echo: bool = False
     logprobs: int | None = None
     best_of: int | None = None  # only equal to n
-    suffix: str | None = None  # fill-in-the-middle: not yet
+    suffix: str | None = None  # set: fill-in-the-middle, served through `fim_request`
 
     def prompts(self) -> list[str | list[int]]:
         """One entry per prompt: a string or token ids."""
@@ -99,13 +103,32 @@ class CompletionRequest(_SamplingRequest):
 
     def sampling_params(self, serving: Serving) -> SamplingParams:
         self._check_common()
-        reject_unsupported({"best_of": (self.best_of, (None, self.n)), "suffix": (self.suffix, (None,))})
+        reject_unsupported({"best_of": (self.best_of, (None, self.n))})
         if self.echo and self.logprobs is not None:
             raise InvalidRequestError(
                 "echo together with logprobs would need the prompt's logprobs, which this server does not compute; "
                 "drop one of them", param="echo",
             )
         return self._sampling_params(serving, self.max_tokens, self.logprobs, {})
+
+    def fim_request(self, serving: Serving, session_key: str | None = None) -> FimRequest:
+        """The fill-in-the-middle request of a completion with `suffix`; `session_key` (a header) wins over `user`."""
+        if self.suffix is None:
+            raise InvalidRequestError("fill-in-the-middle needs suffix", param="suffix")
+        if not isinstance(self.prompt, str):
+            raise InvalidRequestError("with suffix, prompt must be a single string", param="prompt")
+        if self.n != 1:
+            raise InvalidRequestError(f"with suffix, n must be 1 (got {self.n})", param="n")
+        reject_unsupported({
+            "echo": (self.echo, (False,)),  # OpenAI: echo cannot be combined with suffix
+            "logprobs": (self.logprobs, (None,)),  # editor completions carry no logprobs
+        })
+        return FimRequest(
+            prefix=self.prompt,
+            suffix=self.suffix,
+            params=self.sampling_params(serving),
+            session_key=session_key or self.user,
+        )
 
 
 def completion_logprobs(output: CompletionOutput, start: int, text_offset: int) -> dict | None:
@@ -123,6 +146,46 @@ def completion_logprobs(output: CompletionOutput, start: int, text_offset: int) 
         offsets.append(text_offset)
         text_offset += len(sampled.token)
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs, "text_offset": offsets}
+
+
+def fim_completion_response(completion: EditorCompletion, response_id: str, created: int, model: str) -> dict:
+    """A whole `text_completion` answer of one editor completion (also FauxPilot's / Copilot's shape)."""
+    return {
+        "id": response_id,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [{
+            "index": 0,
+            "text": completion.text,
+            "logprobs": None,
+            "finish_reason": completion.finish_reason,
+            "stop_reason": completion.stop_word,
+        }],
+        "usage": usage(completion.num_prompt_tokens, completion.num_output_tokens, completion.num_cached_tokens),
+        "system_fingerprint": None,
+    }
+
+
+def fim_completion_chunk(
+    response_id: str, created: int, model: str, text: str, finish_reason: str | None = None, stop_reason: str | None = None
+) -> dict:
+    """One streamed `text_completion` chunk: a delta, or (with `finish_reason`) the last, usually empty one."""
+    return {
+        "id": response_id,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason, "stop_reason": stop_reason}],
+    }
+
+
+def fim_usage_chunk(completion: EditorCompletion, response_id: str, created: int, model: str) -> dict:
+    """The usage chunk after the last choice chunk, when `stream_options.include_usage` asked for it."""
+    return {
+        "id": response_id, "object": "text_completion", "created": created, "model": model, "choices": [],
+        "usage": usage(completion.num_prompt_tokens, completion.num_output_tokens, completion.num_cached_tokens),
+    }
 
 
 # ---- chat completions ----------------------------------------------------------------------------
@@ -222,7 +285,9 @@ def error_body(err: ServingError) -> dict:
     return {"error": {"message": err.message, "type": err.error_type, "param": err.param, "code": err.code}}
 
 
-def models_list(serving: Serving) -> dict:
+def models_list(serving: Serving, fim_template: FimTemplate | None = None) -> dict:
+    """The served model; `fim` says whether it has fill-in-the-middle tokens (else editor completions are
+    prefix-only) and which family's template they follow."""
     return {
         "object": "list",
         "data": [{
@@ -233,5 +298,6 @@ def models_list(serving: Serving) -> dict:
             "root": serving.model_path,
             "parent": None,
             "max_model_len": serving.max_model_len,
+            "fim": {"supported": fim_template is not None, "template": fim_template.family if fim_template else None},
         }],
     }

@@ -5,7 +5,11 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
-from fastapi import APIRouter, Request
+from typing import Annotated
+
+from fastapi import APIRouter, Body, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
 
 from ember.server.protocol.openai import (
     ChatCompletionRequest,
@@ -16,6 +20,7 @@ from ember.server.protocol.openai import (
     models_list,
     usage,
 )
+from ember.server.routes import completion
 from ember.server.serving import Serving, cancel_on_disconnect, event_stream, merge_streams, sse
 
 router = APIRouter(tags=["OpenAI"])
@@ -28,12 +33,21 @@ def _serving(raw_request: Request) -> Serving:
 
 @router.get("/v1/models")
 async def list_models(raw_request: Request):
-    return models_list(_serving(raw_request))
+    return models_list(_serving(raw_request), raw_request.app.state.editor.template)
 
 
 @router.post("/v1/completions")
 @cancel_on_disconnect
-async def create_completion(request: CompletionRequest, raw_request: Request):
+async def create_completion(body: Annotated[dict, Body()], raw_request: Request):
+    # One path, two wire formats: Tabby's body has `segments`; OpenAI's with `suffix` is fill-in-the-middle.
+    try:
+        if "segments" in body:
+            return await completion.tabby_completion(body, raw_request)
+        request = CompletionRequest.model_validate(body)
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors()) from exc
+    if request.suffix is not None:
+        return await completion.openai_fim_completion(request, raw_request)
     serving = _serving(raw_request)
     serving.check_model(request.model)
     params = request.sampling_params(serving)
