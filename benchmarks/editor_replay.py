@@ -272,7 +272,8 @@ async def replay(server: Server, documents: list[Document], args, repeat: int) -
                 await in_flight  # the typist stops at the end of the region and reads the last suggestion
             done = [r for r in records if r.document == doc.name]
             print(f"  {server.name} {doc.name}: {len(done)} requests, "
-                  f"{sum(r.outcome == 'delivered' for r in done)} delivered, {sum(r.outcome == 'superseded' for r in done)} superseded, "
+                  f"{sum(r.outcome == 'delivered' for r in done)} delivered, "
+                  f"{sum(r.outcome == 'superseded' for r in done)} superseded, "
                   f"{sum(r.outcome == 'error' for r in done)} errors, {time.perf_counter() - doc_start:.1f} s", file=sys.stderr)
     return records
 
@@ -303,6 +304,7 @@ def summarize(records: list[Record], before: dict[str, float], after: dict[str, 
     computed = sum(r.prompt_n or 0 for r in delivered)
     reused = sum(r.cache_n or 0 for r in delivered)
     delta = {k: after[k] - before[k] for k in after}
+    nan = float("nan")
     if is_ember:
         server_reused = delta["prefix_cache_hits"]
         server_computed = delta["prefix_cache_queries"] - delta["prefix_cache_hits"]
@@ -320,12 +322,12 @@ def summarize(records: list[Record], before: dict[str, float], after: dict[str, 
         "time to end p50, delivered (ms)": 1e3 * quantile(sorted(r.end_s for r in delivered), 0.5),
         "prompt tokens computed, delivered": computed,
         "prompt tokens reused, delivered": reused,
-        "prefix-cache hit rate, delivered": reused / (computed + reused) if computed + reused else float("nan"),
+        "prefix-cache hit rate, delivered": reused / (computed + reused) if computed + reused else nan,
         "prompt tokens computed, server": server_computed,
         "prompt tokens reused, server": server_reused,
-        "prefix-cache hit rate, server": server_reused / (server_computed + server_reused) if server_computed + server_reused else float("nan"),
+        "prefix-cache hit rate, server": server_reused / (server_computed + server_reused) if server_computed + server_reused else nan,
         "typed-ahead reuses, server": delta["completion_typed_ahead_reuses"] if is_ember else 0,
-        "superseded, server": delta["completion_superseded"] if is_ember else float("nan"),
+        "superseded, server": delta["completion_superseded"] if is_ember else nan,
         "replay wall time (s)": wall_s,
     }
 
@@ -369,7 +371,8 @@ def print_table(results: dict[str, list[dict]], names: list[str]) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--servers", nargs="+", default=["ember", "llama.cpp"], choices=["ember", "llama.cpp"])
-    parser.add_argument("--modules", nargs="+", default=None, help=f"standard-library modules to type through (default: {' '.join(DEFAULT_MODULES)})")
+    parser.add_argument("--modules", nargs="+", default=None,
+                        help=f"standard-library modules to type through (default: {' '.join(DEFAULT_MODULES)})")
     parser.add_argument("--lines", type=int, default=None, help="lines removed and typed back per module (default 8)")
     parser.add_argument("--typing-s", type=float, default=0.25, help="typing time per word, between pauses")
     parser.add_argument("--line-pause-s", type=float, default=1.0, help="extra pause after a newline (reading the suggestion)")
@@ -380,12 +383,14 @@ def main() -> int:
     parser.add_argument("--t-max-predict-ms", type=float, default=1000)
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy, so both servers generate the same text")
     parser.add_argument("--seed", type=int, default=0, help="picks the regions (repeat k uses seed + k)")
-    parser.add_argument("--repeats", type=int, default=1, help="replays per server (other regions each); cells become median (min–max)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="replays per server (other regions each); cells become median (min–max)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="a ~20 s smoke run: one module, 4 lines")
     parser.add_argument("--dry-run", action="store_true", help="print the replay's schedule and exit, starting no server")
     parser.add_argument("--llama-server", default=os.environ.get("LLAMA_SERVER"))
-    parser.add_argument("--gguf", default=os.environ.get("SMOLLM2_GGUF"), help="llama.cpp's model (default $SMOLLM2_GGUF, else Ember's embedded file)")
+    parser.add_argument("--gguf", default=os.environ.get("SMOLLM2_GGUF"),
+                        help="llama.cpp's model (default $SMOLLM2_GGUF, else Ember's embedded file)")
     parser.add_argument("--ember-flags", default="", help="extra `ember serve` flags")
     parser.add_argument("--out", help="write every request's record to this JSON file")
     args = parser.parse_args()
@@ -399,7 +404,8 @@ def main() -> int:
             typing = (len(pauses) - 1) * args.typing_s + args.line_pause_s * doc.region[:pauses[-1] - 1].count("\n")
             prefix, prompt, _ = doc.context(len(doc.region), args.prefix_lines, args.suffix_lines)
             print(f"repeat {k} {doc.name}: lines {doc.first_line + 1}-{doc.first_line + args.lines}, {len(pauses)} pauses, "
-                  f"{typing:.1f} s of typing, prefix from line {doc.prefix_start_line + 1}, last prompt {len(prefix) + len(prompt)} chars",
+                  f"{typing:.1f} s of typing, prefix from line {doc.prefix_start_line + 1}, "
+                  f"last prompt {len(prefix) + len(prompt)} chars",
                   file=sys.stderr)
     if args.dry_run:
         return 0
@@ -424,6 +430,10 @@ def main() -> int:
     results: dict[str, list[dict]] = {}
     all_records: list[Record] = []
     for server in servers:  # one at a time, so they never share the cores
+        load = os.getloadavg()[0]
+        if load > 0.5:  # llama.cpp's spinning threads suffer most from a busy core: its figures would be the worse hit
+            print(f"warning: load average {load:.2f} before starting {server.name}: something else is running, "
+                  "timings will not be comparable", file=sys.stderr)
         print(f"{server.name}: starting ({server.url})", file=sys.stderr)
         server.start()
         try:

@@ -123,11 +123,11 @@ def test_tabby_segments(base_url):
 
 
 def test_prefix_only_stops_before_retyping_the_suffix(base_url):
-    plain = plain_completion(base_url, PREFIX, 40)
+    plain = plain_completion(base_url, PREFIX, 30)
     lines = plain.split("\n")
     assert len(lines) > 3 and lines[2].strip(), plain  # the test needs a continuation of several lines
     suffix = lines[2] + "\n    return items\n"  # the text after the cursor is the continuation's second line
-    answer = infill(base_url, input_prefix=PREFIX, input_suffix=suffix, n_predict=40)
+    answer = infill(base_url, input_prefix=PREFIX, input_suffix=suffix, n_predict=30)
     assert answer["content"] == "\n".join(lines[:2]).rstrip()
     assert answer["stop_type"] == "eos"  # a stop of its own, not the length limit
 
@@ -174,10 +174,10 @@ def test_typed_ahead_reuses_the_generation(server, base_url):
 
 
 def test_deadline_stops_at_a_line_boundary(base_url):
-    free = infill(base_url, input_prefix=PREFIX, input_suffix="", n_predict=120, ignore_eos=True)
-    bounded = infill(base_url, input_prefix=PREFIX, input_suffix="", n_predict=120, ignore_eos=True, t_max_predict_ms=200)
-    assert free["tokens_predicted"] == 120 and free["stop_type"] == "limit"
-    assert bounded["stop_type"] == "limit" and bounded["tokens_predicted"] < 120
+    free = infill(base_url, input_prefix=PREFIX, input_suffix="", n_predict=40, ignore_eos=True)
+    bounded = infill(base_url, input_prefix=PREFIX, input_suffix="", n_predict=40, ignore_eos=True, t_max_predict_ms=100)
+    assert free["tokens_predicted"] == 40 and free["stop_type"] == "limit"
+    assert bounded["stop_type"] == "limit" and bounded["tokens_predicted"] < 30
     assert free["content"].startswith(bounded["content"] + "\n")  # whole lines of the same text
     assert bounded["content"].strip()
 
