@@ -195,7 +195,8 @@ class EditorCompletion:
                 self._on_delta(delta)
                 return delta
             if reason is None:
-                await generation.wait_change(self._time_to_deadline())
+                remaining = self._time_to_deadline()  # past it, only a new line can end it: wait for text
+                await generation.wait_change(remaining if remaining else None)
         raise StopAsyncIteration
 
     def _past_deadline(self) -> bool:
@@ -206,7 +207,8 @@ class EditorCompletion:
         first = self._generation.first_token_time
         if not self._request.max_predict_ms or first is None:
             return None
-        return max(0.0, first + self._request.max_predict_ms / 1000 - time.monotonic())
+        start = max(first, self._arrival_time)  # a typed-ahead request's clock starts when it arrives
+        return max(0.0, start + self._request.max_predict_ms / 1000 - time.monotonic())
 
     def _on_delta(self, delta: str) -> None:
         now = time.monotonic()
