@@ -53,7 +53,9 @@ def test_infill_as_llama_vim_sends_it(base_url):
             "content", "timings/prompt_n", "timings/prompt_ms", "timings/predicted_n", "tokens_cached", "truncated",
         ],
     }
-    answer = httpx.post(base_url + "/infill", json=body, timeout=120).json()
+    response = httpx.post(base_url + "/infill", json=body, timeout=120)
+    assert response.headers["X-Ember-FIM-Mode"] == "prefix"  # no FIM tokens: completed from the prefix
+    answer = response.json()
     assert answer["content"] == expected
     assert answer["timings/predicted_n"] == 12 and answer["timings/prompt_n"] > 0 and answer["truncated"] is False
     # streamed: token by token, then the final event with stop: true and the timings

@@ -8,6 +8,7 @@ import uuid
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
 
 from ember.server.editor import EditorCompletion, EditorService
 from ember.server.protocol import llamacpp, mistral, tabby
@@ -24,6 +25,9 @@ from ember.server.serving import Serving, cancel_on_disconnect, event_stream, ss
 router = APIRouter(tags=["Editors"])
 # Requests with the same key belong to one editor session: a newer one supersedes the older.
 SESSION_HEADER = "X-Ember-Session"
+# Every editor answer says how its prompt was built: "fim" (the model's FIM tokens) or "prefix" (the model
+# has none: the prefix alone, with the suffix used to stop and trim).
+FIM_MODE_HEADER = "X-Ember-FIM-Mode"
 DONE = "data: [DONE]\n\n"
 
 
@@ -37,6 +41,12 @@ def _editor(raw_request: Request) -> EditorService:
 
 def _session(raw_request: Request) -> str | None:
     return raw_request.headers.get(SESSION_HEADER) or None
+
+
+def _answer(raw_request: Request, body: dict | Response) -> Response:
+    response = body if isinstance(body, Response) else JSONResponse(body)
+    response.headers[FIM_MODE_HEADER] = _editor(raw_request).fim_mode
+    return response
 
 
 async def _collect(completion: EditorCompletion) -> EditorCompletion:
@@ -57,7 +67,7 @@ async def infill(request: llamacpp.InfillRequest, raw_request: Request):
     completion = await _editor(raw_request).complete(fim)
     if not request.stream:
         await _collect(completion)
-        return llamacpp.infill_response(completion, request, fim, serving.model_name)
+        return _answer(raw_request, llamacpp.infill_response(completion, request, fim, serving.model_name))
 
     async def events() -> AsyncIterator[dict]:
         try:
@@ -67,7 +77,7 @@ async def infill(request: llamacpp.InfillRequest, raw_request: Request):
         finally:
             await completion.aclose()
 
-    return event_stream(events(), sse, llamacpp.error_body)
+    return _answer(raw_request, event_stream(events(), sse, llamacpp.error_body))
 
 
 # ---- OpenAI-shaped: /v1/completions with suffix, FauxPilot / Copilot -----------------------------------
@@ -98,7 +108,7 @@ async def _text_completion(raw_request: Request, fim, stream: bool, include_usag
     response_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     if not stream:
         await _collect(completion)
-        return fim_completion_response(completion, response_id, created, model)
+        return _answer(raw_request, fim_completion_response(completion, response_id, created, model))
 
     async def events() -> AsyncIterator[dict]:
         try:
@@ -110,7 +120,7 @@ async def _text_completion(raw_request: Request, fim, stream: bool, include_usag
         finally:
             await completion.aclose()
 
-    return event_stream(events(), sse, error_body, trailer=DONE)
+    return _answer(raw_request, event_stream(events(), sse, error_body, trailer=DONE))
 
 
 # ---- Mistral / Continue -------------------------------------------------------------------------
@@ -123,7 +133,7 @@ async def fim_completion(request: mistral.FimCompletionRequest, raw_request: Req
     response_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     if not request.stream:
         await _collect(completion)
-        return mistral.fim_response(completion, response_id, created, model)
+        return _answer(raw_request, mistral.fim_response(completion, response_id, created, model))
 
     async def events() -> AsyncIterator[dict]:
         try:
@@ -135,7 +145,7 @@ async def fim_completion(request: mistral.FimCompletionRequest, raw_request: Req
         finally:
             await completion.aclose()
 
-    return event_stream(events(), sse, error_body, trailer=DONE)
+    return _answer(raw_request, event_stream(events(), sse, error_body, trailer=DONE))
 
 
 # ---- Tabby --------------------------------------------------------------------------------------
@@ -144,4 +154,4 @@ async def tabby_completion(body: dict, raw_request: Request):
     request = tabby.TabbyCompletionRequest.model_validate(body)
     completion = await _editor(raw_request).complete(request.to_fim_request(_session(raw_request)))
     await _collect(completion)
-    return tabby.completion_response(completion, f"cmpl-{uuid.uuid4().hex}")
+    return _answer(raw_request, tabby.completion_response(completion, f"cmpl-{uuid.uuid4().hex}"))
