@@ -12,10 +12,14 @@ class ModelConfig:
     max_model_len: int | None = None  # None: the model's own context length
     device: str = "cpu"
     seed: int = 0
+    # Weight-only int4 for small batches (decode): auto = when the GGUF file's weights are 4-bit or less
+    quantize: str = "auto"  # auto | int4 | none
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.quantize not in ("auto", "int4", "none"):
+            raise ValueError(f"quantize must be auto, int4 or none, got {self.quantize!r}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be positive, got {self.max_model_len}")
 

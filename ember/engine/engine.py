@@ -7,6 +7,8 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from gguf import LlamaFileType
+
 from ember.config import EngineConfig
 from ember.engine.kv_cache_manager import KVCacheManager
 from ember.engine.request import Request, RequestStatus
@@ -62,14 +64,16 @@ class LLMEngine:
             self.tokenizer = Tokenizer.from_dir(checkpoint.path)
         context_len = checkpoint.hf_config.get("max_position_embeddings") or 2048
         self.max_model_len = min(config.model.max_model_len or context_len, context_len)
-        self.runner = ModelRunner(config, checkpoint.hf_config, checkpoint.tensors, self.tokenizer.eos_token_ids)
+        quantize = _wants_quantized(config.model.quantize, checkpoint.gguf_metadata)
+        self.runner = ModelRunner(config, checkpoint.hf_config, checkpoint.tensors, self.tokenizer.eos_token_ids, quantize)
         del checkpoint
         self.kv_cache = KVCacheManager(self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv_cache)
         self._parents: dict[str, ParentRequest] = {}
         self._sequences: dict[str, _Sequence] = {}  # by the child request id
         self._ids = itertools.count()
-        logger.info("loaded %s: context %d tokens, KV cache %d tokens", path, self.max_model_len, self.runner.num_kv_tokens)
+        logger.info("loaded %s: context %d tokens, KV cache %d tokens%s", path, self.max_model_len, self.runner.num_kv_tokens,
+                    ", int4 weights for decode" if quantize else "")
 
     # ---- requests ------------------------------------------------------------------------------
     def add_request(
@@ -246,6 +250,20 @@ class LLMEngine:
                 "first_token_time": parent.first_token_time,
             },
         )
+
+
+def _wants_quantized(quantize: str, gguf_metadata: dict | None) -> bool:
+    """`auto`: int4 copies when the GGUF file stores its layers in 4 bits or fewer (its dense float32 weights
+    are then dequantized from 4 bits anyway, so int4 adds no error for Q4_1 and little for the others)."""
+    if quantize != "auto":
+        return quantize == "int4"
+    if gguf_metadata is None or "general.file_type" not in gguf_metadata:
+        return False
+    try:
+        name = LlamaFileType(int(gguf_metadata["general.file_type"])).name
+    except ValueError:
+        return False
+    return any(kind in name for kind in ("Q4", "Q3", "Q2", "IQ1", "IQ2", "IQ3", "IQ4"))
 
 
 def _find_stop(text: str, stops: list[str], previous_len: int) -> tuple[int, str] | None:

@@ -3,7 +3,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ember.ops.linear import linear
+from ember.layers.linear import quantized_or_dense
+from ember.ops.linear import Int8Weight
 
 
 class VocabEmbedding(nn.Module):
@@ -34,4 +35,8 @@ class LMHead(nn.Module):
             self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size, dtype=dtype), requires_grad=False)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:  # [num_seqs, hidden] -> [num_seqs, vocab]
-        return linear(hidden_states, self.weight, None, self.batch_invariant).float()
+        return quantized_or_dense(self, hidden_states, self.weight, None).float()
+
+    def quantize(self) -> None:
+        """An int8 copy for small batches: the head is the model's largest matrix, and the most sensitive."""
+        self.quantized = Int8Weight(self.weight.data)

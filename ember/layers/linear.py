@@ -6,7 +6,7 @@ A quantized weight-only linear can replace `Linear` by offering the same constru
 import torch
 from torch import nn
 
-from ember.ops.linear import linear
+from ember.ops.linear import INT4_GROUP_SIZE, QUANTIZED_MAX_ROWS, Int4Weight, linear
 
 
 class Linear(nn.Module):
@@ -39,7 +39,21 @@ class Linear(nn.Module):
         copy_checked(target, loaded)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [num_tokens, input_size] -> [num_tokens, sum(output_sizes)]
-        return linear(x, self.weight, self.bias, self.batch_invariant)
+        return quantized_or_dense(self, x, self.weight, self.bias)
+
+    def quantize(self) -> None:
+        """Adds an int4 copy of the weight for small batches (decode); larger ones keep the dense GEMM."""
+        if self.weight.shape[1] % INT4_GROUP_SIZE == 0:  # else it stays dense
+            self.quantized = Int4Weight(self.weight.data)
+
+
+def quantized_or_dense(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The quantized copy (`module.quantized`, if any) for up to QUANTIZED_MAX_ROWS rows, else the dense
+    GEMM. Batch-invariant mode keeps the dense path, whose results the tests compare bitwise."""
+    quantized = getattr(module, "quantized", None)
+    if quantized is not None and not module.batch_invariant and x.shape[0] <= QUANTIZED_MAX_ROWS:
+        return quantized.linear(x, bias)
+    return linear(x, weight, bias, module.batch_invariant)
 
 
 def copy_checked(target: torch.Tensor, loaded: torch.Tensor) -> None:

@@ -46,12 +46,13 @@ def paged_attention(
         # Softmax (and the matmuls around it) in float32 whatever the model dtype: this is the oracle.
         k = k_cache[block_ids].flatten(0, 1)[:seq_len].float()  # [seq_len, num_kv_heads, head_dim]
         v = v_cache[block_ids].flatten(0, 1)[:seq_len].float()  # [seq_len, num_kv_heads, head_dim]
-        group = num_heads // num_kv_heads  # query head h reads kv head h // group, as HF's repeat_kv
-        k = k.transpose(0, 1).repeat_interleave(group, dim=0)  # [num_heads, seq_len, head_dim]
-        v = v.transpose(0, 1).repeat_interleave(group, dim=0)  # [num_heads, seq_len, head_dim]
+        # enable_gqa: query head h reads kv head h // (num_heads // num_kv_heads), as HF's repeat_kv
+        k = k.transpose(0, 1)  # [num_kv_heads, seq_len, head_dim]
+        v = v.transpose(0, 1)  # [num_kv_heads, seq_len, head_dim]
         qs = q[start:end].transpose(0, 1).float()  # [num_heads, q_len, head_dim]
         mask, is_causal = _causal_mask(q_len, seq_len, sliding_window, q.device)
-        o = F.scaled_dot_product_attention(qs, k, v, attn_mask=mask, is_causal=is_causal, scale=scale)
+        o = F.scaled_dot_product_attention(qs, k, v, attn_mask=mask, is_causal=is_causal, scale=scale,
+                                           enable_gqa=num_heads != num_kv_heads)
         out[start:end] = o.transpose(0, 1).to(q.dtype)  # [q_len, num_heads, head_dim]
     return out
 
@@ -77,10 +78,10 @@ def paged_decode_attention(
     mask = kv_pos < seq_lens[:, None]  # [num_seqs, max_len]
     if sliding_window is not None:
         mask &= kv_pos >= seq_lens[:, None] - sliding_window
-    group = num_heads // num_kv_heads
-    k = k.transpose(1, 2).repeat_interleave(group, dim=1)  # [num_seqs, num_heads, max_len, head_dim]
-    v = v.transpose(1, 2).repeat_interleave(group, dim=1)  # [num_seqs, num_heads, max_len, head_dim]
-    o = F.scaled_dot_product_attention(q.float().unsqueeze(2), k, v, attn_mask=mask[:, None, None, :], scale=scale)
+    k = k.transpose(1, 2)  # [num_seqs, num_kv_heads, max_len, head_dim]
+    v = v.transpose(1, 2)  # [num_seqs, num_kv_heads, max_len, head_dim]
+    o = F.scaled_dot_product_attention(q.float().unsqueeze(2), k, v, attn_mask=mask[:, None, None, :], scale=scale,
+                                       enable_gqa=num_heads != num_kv_heads)
     return o.squeeze(2).to(q.dtype)  # [num_seqs, num_heads, head_dim]
 
 

@@ -1,4 +1,5 @@
-"""Dense linear: the plain GEMM and a batch-invariant variant whose rows do not depend on the batch size."""
+"""Linear: the plain GEMM, a batch-invariant variant whose rows do not depend on the batch size, and a
+weight-only int4 matmul (PyTorch's packed CPU kernel) for small row counts."""
 import torch
 import torch.nn.functional as F
 
@@ -22,3 +23,46 @@ def linear(
         x = torch.cat([x, x.new_zeros(num_pad, x.shape[1])])
     out = [F.linear(chunk, weight, bias) for chunk in x.split(BATCH_INVARIANT_ROWS)]
     return torch.cat(out)[:num_tokens]
+
+
+# PyTorch's packed weight-only CPU kernels read 4 or 8 bits a weight instead of float32's 32, but work row by
+# row: their cost grows with the rows, and past ~32 the float32 GEMM wins (measured on this model's shapes).
+# Both are fast only with bfloat16 activations, and each output row is independent of the other rows.
+QUANTIZED_MAX_ROWS = 32
+INT4_GROUP_SIZE = 32  # GGUF's block size: a Q4_0 / Q4_1 block is one group
+
+
+class Int4Weight:
+    """Asymmetric min-max int4 per group of 32 inputs, for `torch.ops.aten._weight_int4pack_mm_for_cpu`.
+
+    The kernel computes w = (q - 8) * scale + zero. For a GGUF Q4_1 weight (w = d * q + m, each block
+    spanning q = 0..15, as llama.cpp quantizes it) this recovers q exactly, with scale = d and zero = m + 8d.
+    """
+
+    def __init__(self, weight: torch.Tensor):  # [out_features, in_features]
+        out_features, in_features = weight.shape
+        groups = weight.float().view(out_features, in_features // INT4_GROUP_SIZE, INT4_GROUP_SIZE)
+        w_min, w_max = groups.amin(-1), groups.amax(-1)  # [out, in // group]
+        scale = ((w_max - w_min) / 15).clamp(min=1e-12)
+        q = ((groups - w_min[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.int32)
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.view(out_features, in_features), 2)
+        scales_and_zeros = torch.stack([scale, w_min + 8 * scale], -1).transpose(0, 1)  # [in // group, out, 2]
+        self.scales_and_zeros = scales_and_zeros.contiguous().to(torch.bfloat16)
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:  # [num_tokens, out], x's dtype
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.packed, INT4_GROUP_SIZE, self.scales_and_zeros)
+        return out.to(x.dtype) if bias is None else out.to(x.dtype) + bias
+
+
+class Int8Weight:
+    """Symmetric int8 per output channel, for `torch.ops.aten._weight_int8pack_mm` (the LM head: GGUF files
+    that store their layers in 4 bits keep the output matrix at 8 or more)."""
+
+    def __init__(self, weight: torch.Tensor):  # [out_features, in_features]
+        scale = (weight.float().abs().amax(1) / 127).clamp(min=1e-12)  # [out]
+        self.weight = (weight.float() / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
+        self.scales = scale.to(torch.bfloat16)
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        out = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self.weight, self.scales).to(x.dtype)
+        return out if bias is None else out + bias

@@ -18,7 +18,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, hf_config: dict, tensors: dict[str, torch.Tensor], eos_token_ids: set[int]):
+    def __init__(self, config: EngineConfig, hf_config: dict, tensors: dict[str, torch.Tensor], eos_token_ids: set[int],
+                 quantize: bool = False):
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         self.dtype = DTYPES[config.model.dtype]
@@ -27,6 +28,10 @@ class ModelRunner:
         self.model = model_class(hf_config, dtype=self.dtype, batch_invariant=config.batch_invariant)
         self.model.load_weights(tensors)
         self.model.eval()
+        if quantize:  # weight-only copies for decode-sized batches: int4 layers, an int8 head
+            for module in self.model.modules():
+                if hasattr(module, "quantize"):
+                    module.quantize()
         bytes_per_token = 2 * self.model.num_layers * self.model.num_kv_heads * self.model.head_dim * self.dtype.itemsize
         self.num_blocks = num_kv_blocks(config.cache, bytes_per_token)
         shape = self.model.kv_cache_shape(self.num_blocks, self.block_size)

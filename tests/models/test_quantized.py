@@ -1,0 +1,67 @@
+"""The weight-only quantized decode path: int4 layers and an int8 head (PyTorch's packed CPU kernels, with
+bfloat16 activations) against the dense float32 path on the same weights.
+
+Tolerance: the kernels round activations to bfloat16, so logprobs move by up to ~0.1 nat on the embedded
+model; greedy text stays the same except at near-ties. The dense path stays the exact reference."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ember import LLM, SamplingParams
+from ember.ops.linear import Int4Weight, Int8Weight
+
+
+def q4_1_weight(out_features: int, in_features: int, seed: int = 0) -> torch.Tensor:
+    """w = d * q + m per block of 32, every block spanning q = 0..15 as llama.cpp's Q4_1 quantizer makes it;
+    d and m on a dyadic grid so that the kernel's bfloat16 scale and zero (m + 8d) are exact."""
+    g = torch.Generator().manual_seed(seed)
+    num_blocks = in_features // 32
+    q = torch.randint(0, 16, (out_features, num_blocks, 32), generator=g)
+    q[..., 0], q[..., 1] = 0, 15
+    d = torch.randint(1, 8, (out_features, num_blocks, 1), generator=g) / 256
+    m = torch.randint(-64, 0, (out_features, num_blocks, 1), generator=g) / 256
+    return (d * q + m).view(out_features, in_features)
+
+
+def test_int4_recovers_a_q4_1_weight_exactly():
+    weight = q4_1_weight(96, 128)
+    x = torch.randn(5, 128, generator=torch.Generator().manual_seed(1))
+    reference = torch.nn.functional.linear(x.to(torch.bfloat16).float(), weight)  # the kernel's activations
+    out = Int4Weight(weight).linear(x, None)
+    # the weight is exact; the kernel rounds its output to bfloat16 (relative 2^-8)
+    torch.testing.assert_close(out, reference, rtol=2**-7, atol=1e-3)
+
+
+def test_int4_and_int8_rows_do_not_depend_on_the_batch():
+    weight = torch.randn(64, 96, generator=torch.Generator().manual_seed(2))
+    x = torch.randn(7, 96, generator=torch.Generator().manual_seed(3))
+    for quantized in (Int4Weight(weight), Int8Weight(weight)):
+        whole = quantized.linear(x, None)
+        alone = torch.cat([quantized.linear(x[i : i + 1], None) for i in range(7)])
+        assert torch.equal(whole, alone)
+
+
+def test_int8_head_is_close_to_dense():
+    weight = torch.randn(1000, 64, generator=torch.Generator().manual_seed(4))
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(5))
+    out = Int8Weight(weight).linear(x, None)
+    reference = torch.nn.functional.linear(x, weight)
+    assert (out - reference).abs().max() < 0.02 * reference.abs().max()
+
+
+@pytest.fixture(scope="module")
+def dense_and_int4():
+    options = dict(progress=False, max_model_len=512, kv_cache_memory_gib=0.1)
+    return LLM(quantize="none", **options), LLM(quantize="int4", **options)
+
+
+def test_embedded_model_int4_stays_close_to_dense(dense_and_int4):
+    dense, int4 = dense_and_int4
+    assert int4.engine.runner.model.lm_head.quantized is not None  # "auto" would pick it too for this Q4_1 file
+    params = SamplingParams(max_tokens=12, temperature=0, logprobs=5)
+    prompts = ["def fibonacci(n):", "Once upon a time"]
+    for a, b in zip(dense.generate(prompts, params), int4.generate(prompts, params)):
+        assert b.outputs[0].token_ids == a.outputs[0].token_ids
+        for step_a, step_b in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
+            assert abs(step_a[0].logprob - step_b[0].logprob) < 0.25
