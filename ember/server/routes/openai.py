@@ -4,7 +4,6 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncIterator
-
 from typing import Annotated
 
 from fastapi import APIRouter, Body, Request
