@@ -16,6 +16,10 @@ from ember.sampling_params import SamplingParams
 ENGINE_SECTIONS = (ModelConfig, CacheConfig, SchedulerConfig)
 
 
+# llama.cpp's spellings for the same settings, for users coming from it
+FLAG_ALIASES = {"num_threads": ("--threads", "-t")}
+
+
 def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     """One kebab-case flag per engine config field, its default read from the dataclass."""
     group = parser.add_argument_group("engine")
@@ -26,14 +30,14 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
         for f in dataclasses.fields(cls):
             if f.name == "model" or f.name in ("cache", "scheduler"):
                 continue
-            flag = "--" + f.name.replace("_", "-")
+            flags = ["--" + f.name.replace("_", "-"), *FLAG_ALIASES.get(f.name, ())]
             default = f.default if f.default is not dataclasses.MISSING else None
             hint = hints[f.name]
             if hint is bool:
-                group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+                group.add_argument(*flags, action=argparse.BooleanOptionalAction, default=default)
             else:
                 base = next((t for t in typing.get_args(hint) if t is not type(None)), hint)
-                group.add_argument(flag, type=base, default=default, help=f"(default: {default})")
+                group.add_argument(*flags, type=base, default=default, help=f"(default: {default})")
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:

@@ -9,17 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from ember.sampling_params import SamplingParams
 from ember.server.completion_text import CompletionTrimmer
+from ember.server.fim_prompt import FimPromptBuilder
 from ember.server.serving import GenerationError, RequestStream, Serving, as_serving_error
 from ember.tokenizer import detect_fim_template
-
-logger = logging.getLogger(__name__)
 
 # Completions run ahead of chat: lower priority values are scheduled first.
 COMPLETION_PRIORITY = -1
@@ -275,6 +273,7 @@ class EditorService:
         self.tokenizer = serving.tokenizer
         self.template = detect_fim_template(self.tokenizer)
         self.fim_mode = "fim" if self.template is not None else "prefix"
+        self._prompts = FimPromptBuilder(serving, self.template)
         self._sessions: OrderedDict[str, _Generation] = OrderedDict()  # the latest generation of each session
 
     @property
@@ -287,7 +286,7 @@ class EditorService:
             raise GenerationError("editor completions have one choice")  # protocols check n before this
         if self.metrics is not None:
             self.metrics.fim_requests.labels(self.metrics.model_name, self.fim_mode).inc()
-        token_ids, params, is_truncated = self._prompt(request)
+        token_ids, params, is_truncated = self._prompts.build(request)
         if request.warm_only:
             return await self._warm(request, token_ids, params, is_truncated)
 
@@ -328,67 +327,6 @@ class EditorService:
         completion.finish_reason = "length"
         generation.consumer = None
         return completion
-
-    # ---- prompts -------------------------------------------------------------------------------
-    def _prompt(self, request: FimRequest) -> tuple[list[int], SamplingParams, bool]:
-        """The prompt's token ids, the sampling params with the template's stop tokens, and whether the
-        context had to be cut to fit (extra files first, then the prefix's oldest lines and the suffix's last)."""
-        params = request.params
-        if self.template is not None and self.template.stop_token_ids:
-            params = dataclasses.replace(params, stop_token_ids=[*params.stop_token_ids, *sorted(self.template.stop_token_ids)])
-        max_tokens = params.max_tokens if params.max_tokens is not None and not request.warm_only else 1
-        budget = self.serving.max_model_len - max_tokens
-        if budget < 8:
-            self.serving.check_context(0, max_tokens, prompt_param="input_prefix")
-        prefix, suffix, extra_files = request.prefix, request.suffix, list(request.extra_files)
-        token_ids = self._render(prefix, suffix, extra_files, request.filename)
-        is_truncated = False
-        while len(token_ids) > budget and extra_files:
-            extra_files.pop(0)
-            is_truncated = True
-            token_ids = self._render(prefix, suffix, extra_files, request.filename)
-        overhead = len(token_ids) - self._num_tokens(prefix) - self._num_tokens(suffix)
-        for margin in (0, 16, 64):  # line sizes only add up to about the joined text's
-            if len(token_ids) <= budget:
-                break
-            is_truncated = True
-            prefix, suffix = self._fit(prefix, suffix, budget - overhead - margin)
-            token_ids = self._render(prefix, suffix, extra_files, request.filename)
-        if not token_ids:
-            token_ids = [self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else 0]
-        self.serving.check_context(len(token_ids), max_tokens, prompt_param="input_prefix")
-        return token_ids, params, is_truncated
-
-    def _render(self, prefix: str, suffix: str, extra_files: list[tuple[str, str]], filename: str | None) -> list[int]:
-        if self.template is not None:
-            return self.template.render(self.tokenizer, prefix, suffix, extra_files, filename)
-        # Prefix-only: the extra files go first as context, as comments would in a source file.
-        context = "".join(f"\n\n--- {name} ---\n\n{text}" for name, text in extra_files)
-        return self.tokenizer.encode(context + prefix) if context + prefix else []
-
-    def _num_tokens(self, text: str) -> int:
-        return len(self.tokenizer.encode(text, add_special_tokens=False)) if text else 0
-
-    def _fit(self, prefix: str, suffix: str, budget: int) -> tuple[str, str]:
-        """Keeps the prefix's last lines and the suffix's first lines within `budget` tokens, three
-        quarters of it for the prefix (llama.cpp's ratio)."""
-        budget = max(budget, 0)
-        suffix_lines = suffix.splitlines(keepends=True)
-        prefix_lines = prefix.splitlines(keepends=True)
-        encode = self.tokenizer.backend.encode_batch
-        suffix_sizes = [len(e.ids) for e in encode(suffix_lines, add_special_tokens=False)] if suffix_lines else []
-        prefix_sizes = [len(e.ids) for e in encode(prefix_lines, add_special_tokens=False)] if prefix_lines else []
-        suffix_budget = min(sum(suffix_sizes), budget // 4)
-        kept_suffix, used = 0, 0
-        while kept_suffix < len(suffix_lines) and used + suffix_sizes[kept_suffix] <= suffix_budget:
-            used += suffix_sizes[kept_suffix]
-            kept_suffix += 1
-        prefix_budget = budget - used
-        kept_prefix, used = 0, 0
-        while kept_prefix < len(prefix_lines) and used + prefix_sizes[-1 - kept_prefix] <= prefix_budget:
-            used += prefix_sizes[-1 - kept_prefix]
-            kept_prefix += 1
-        return "".join(prefix_lines[len(prefix_lines) - kept_prefix:]), "".join(suffix_lines[:kept_suffix])
 
 
 def _typed_ahead(previous: _Generation, request: FimRequest) -> int | None:

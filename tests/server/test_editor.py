@@ -7,6 +7,7 @@ import threading
 import time
 
 import httpx
+import ollama
 import openai
 import pytest
 
@@ -230,3 +231,22 @@ def test_completion_runs_ahead_of_a_long_chat(one_slot_server):
     assert completion_end < chat["end"]  # it did not wait for the chat to finish
     assert one_slot_server.metric("ember:num_preemptions_total") >= 1  # it took the chat's slot
     assert chat["response"]["choices"][0]["message"]["content"] == alone  # and the chat resumed unharmed
+
+
+def test_ollama_generate_with_suffix(base_url):
+    client = ollama.Client(host=base_url)
+    expected = plain_completion(base_url, PREFIX, 8).rstrip()
+    options = {"temperature": 0, "num_predict": 8}
+    whole = client.generate(model=MODEL_NAME, prompt=PREFIX, suffix="\n", options=options)
+    assert whole.response == expected and whole.done and whole.eval_count == 8
+    parts = list(client.generate(model=MODEL_NAME, prompt=PREFIX, suffix="\n", options=options, stream=True))
+    assert "".join(p.response for p in parts) == expected and parts[-1].done
+    assert "insert" in client.show(MODEL_NAME).capabilities
+
+
+def test_over_long_context_is_cut_to_fit(base_url):
+    prefix = "".join(f"value_{i} = {i}\n" for i in range(400))  # ~3,000 tokens: beyond the 2,048 context
+    suffix = "total = 0\n" * 100
+    answer = infill(base_url, input_prefix=prefix, input_suffix=suffix, n_predict=2)
+    assert answer["truncated"] is True and answer["tokens_predicted"] == 2
+    assert 1000 < answer["tokens_evaluated"] <= 2048 - 2  # the prefix's last lines fill the context

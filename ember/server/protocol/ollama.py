@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict
 
 from ember.outputs import CompletionOutput, RequestOutput
 from ember.sampling_params import SamplingParams
+from ember.server.editor import EditorCompletion, FimRequest
 from ember.server.serving import InvalidRequestError, Serving, ServingError, reject_unsupported
 
 
@@ -111,7 +112,7 @@ class _GenerateFields(_Strict):
 class GenerateRequest(_GenerateFields):
     prompt: str | None = None
     system: str | None = None
-    suffix: str | None = None  # fill-in-the-middle: not yet
+    suffix: str | None = None  # set: fill-in-the-middle through the editor path (`fim_request`)
     template: str | None = None  # only "" / null: the model's own template is used
     context: list[int] | None = None
     raw: bool = False
@@ -119,10 +120,14 @@ class GenerateRequest(_GenerateFields):
 
     def check(self) -> None:
         reject_unsupported({
-            "suffix": (self.suffix, (None, "")),
             "template": (self.template, (None, "")),
             "images": (self.images or None, (None,)),
         })
+
+
+    def fim_request(self, params: SamplingParams) -> FimRequest:
+        """`prompt` is the text before the cursor, `suffix` the text after (no chat template, as Ollama)."""
+        return FimRequest(prefix=self.prompt or "", suffix=self.suffix or "", params=params)
 
 
 class Message(_Strict):
@@ -181,6 +186,20 @@ def final_fields(output: RequestOutput, end_time: float) -> dict:
         "prompt_eval_duration": int((first_token - arrival) * 1e9),
         "eval_count": len(c.token_ids),
         "eval_duration": int((end_time - first_token) * 1e9),
+    }
+
+
+def fim_final_fields(completion: EditorCompletion) -> dict:
+    """`final_fields` for an editor completion (generate with `suffix`)."""
+    return {
+        "done": True,
+        "done_reason": completion.finish_reason or "stop",
+        "total_duration": int((completion.prompt_ms + completion.predicted_ms) * 1e6),
+        "load_duration": 0,
+        "prompt_eval_count": completion.num_prompt_tokens,
+        "prompt_eval_duration": int(completion.prompt_ms * 1e6),
+        "eval_count": completion.num_output_tokens,
+        "eval_duration": int(completion.predicted_ms * 1e6),
     }
 
 

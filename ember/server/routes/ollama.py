@@ -12,7 +12,16 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Request
 
 from ember import __version__
-from ember.server.protocol.ollama import ChatRequest, GenerateRequest, ShowRequest, error_body, final_fields, logprobs, now
+from ember.server.protocol.ollama import (
+    ChatRequest,
+    GenerateRequest,
+    ShowRequest,
+    error_body,
+    final_fields,
+    fim_final_fields,
+    logprobs,
+    now,
+)
 from ember.server.serving import InvalidRequestError, Serving, cancel_on_disconnect, event_stream
 
 router = APIRouter(tags=["Ollama"])
@@ -35,6 +44,8 @@ async def generate(request: GenerateRequest, raw_request: Request):
     params = request.sampling_params(serving)
     if not request.prompt and not request.context:  # Ollama's way to load a model: answer at once
         return {"model": request.model, "created_at": now(), "response": "", "done": True, "done_reason": "load"}
+    if request.suffix:
+        return await _insert(request, params, raw_request)
     if request.raw:
         prompt, token_ids = request.prompt or "", serving.encode(request.prompt or "")
     else:
@@ -78,6 +89,32 @@ async def chat(request: ChatRequest, raw_request: Request):
         return body
 
     return await _respond(request, stream, "message", final)
+
+
+async def _insert(request: GenerateRequest, params, raw_request: Request):
+    """Fill-in-the-middle (Ollama's "insert"): the editor path, answered in /api/generate's shape."""
+    completion = await raw_request.app.state.editor.complete(request.fim_request(params))
+
+    def final(text: str) -> dict:
+        return {"model": request.model, "created_at": now(), "response": text, **fim_final_fields(completion)}
+
+    if not request.stream:
+        try:
+            async for _ in completion:
+                pass
+        finally:
+            await completion.aclose()
+        return final(completion.text)
+
+    async def chunks() -> AsyncIterator[dict]:
+        try:
+            async for delta in completion:
+                yield {"model": request.model, "created_at": now(), "response": delta, "done": False}
+            yield final("")
+        finally:
+            await completion.aclose()
+
+    return event_stream(chunks(), _ndjson, error_body, "application/x-ndjson")
 
 
 async def _respond(request, stream, field: str, final):
@@ -182,7 +219,8 @@ async def show(request: ShowRequest, raw_request: Request):
             "general.parameter_count": sum(p.numel() for p in serving.engine.engine.runner.model.parameters()),
             f"{details['family']}.context_length": serving.max_model_len,
         },
-        "capabilities": ["completion"],
+        # "insert": /api/generate takes `suffix` for every model (prefix-only without FIM tokens)
+        "capabilities": ["completion", "insert"],
         "modified_at": entry["modified_at"],
     }
 
