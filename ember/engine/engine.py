@@ -7,8 +7,6 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from gguf import LlamaFileType
-
 from ember.config import EngineConfig
 from ember.engine.kv_cache_manager import KVCacheManager
 from ember.engine.request import Request, RequestStatus
@@ -64,7 +62,8 @@ class LLMEngine:
             self.tokenizer = Tokenizer.from_dir(checkpoint.path)
         context_len = checkpoint.hf_config.get("max_position_embeddings") or 2048
         self.max_model_len = min(config.model.max_model_len or context_len, context_len)
-        quantize = _wants_quantized(config.model.quantize, checkpoint.gguf_metadata)
+        # auto: int4 copies when the GGUF file stores its layers in 4 bits or fewer
+        quantize = config.model.quantize == "int4" or (config.model.quantize == "auto" and checkpoint.is_low_bit)
         self.runner = ModelRunner(config, checkpoint.hf_config, checkpoint.tensors, self.tokenizer.eos_token_ids, quantize)
         del checkpoint
         self.kv_cache = KVCacheManager(self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
@@ -250,20 +249,6 @@ class LLMEngine:
                 "first_token_time": parent.first_token_time,
             },
         )
-
-
-def _wants_quantized(quantize: str, gguf_metadata: dict | None) -> bool:
-    """`auto`: int4 copies when the GGUF file stores its layers in 4 bits or fewer (its dense float32 weights
-    are then dequantized from 4 bits anyway, so int4 adds no error for Q4_1 and little for the others)."""
-    if quantize != "auto":
-        return quantize == "int4"
-    if gguf_metadata is None or "general.file_type" not in gguf_metadata:
-        return False
-    try:
-        name = LlamaFileType(int(gguf_metadata["general.file_type"])).name
-    except ValueError:
-        return False
-    return any(kind in name for kind in ("Q4", "Q3", "Q2", "IQ1", "IQ2", "IQ3", "IQ4"))
 
 
 def _find_stop(text: str, stops: list[str], previous_len: int) -> tuple[int, str] | None:

@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass
 
 import torch
+from gguf import LlamaFileType
 
 from ember.loader.gguf import load_gguf
 from ember.loader.hub import resolve_model_path
@@ -21,6 +22,19 @@ class Checkpoint:
     hf_config: dict  # config.json-style, HF key names (rope_theta and rope_scaling always present)
     tensors: dict[str, torch.Tensor]  # HF parameter names; lm_head.weight only when the checkpoint has it
     gguf_metadata: dict | None  # GGUF: every metadata field as plain Python values; HF: None
+
+    @property
+    def is_low_bit(self) -> bool:
+        """A GGUF file whose layers are stored in 4 bits or fewer (Q4_*, Q3_*, Q2_*, IQ1-4): its float
+        weights were dequantized from that, so int4 copies add little or no error."""
+        file_type = (self.gguf_metadata or {}).get("general.file_type")
+        if file_type is None:
+            return False
+        try:
+            name = LlamaFileType(int(file_type)).name
+        except ValueError:
+            return False
+        return any(kind in name for kind in ("Q4", "Q3", "Q2", "IQ1", "IQ2", "IQ3", "IQ4"))
 
 
 def load_checkpoint(path: str, dtype: torch.dtype = torch.float32, progress: bool = True) -> Checkpoint:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from ember.sampling_params import SamplingParams
 from ember.server.completion_text import CompletionTrimmer
 from ember.server.fim_prompt import FimPromptBuilder
-from ember.server.serving import GenerationError, RequestStream, Serving, as_serving_error
+from ember.server.serving import InvalidRequestError, RequestStream, Serving, as_serving_error
 from ember.tokenizer import detect_fim_template
 
 # Completions run ahead of chat: lower priority values are scheduled first.
@@ -65,7 +65,7 @@ class _Generation:
         self.consumer: EditorCompletion | None = None
         self._waiters: list[asyncio.Future] = []
         self._orphan_timer: asyncio.TimerHandle | None = None
-        self._task = asyncio.create_task(self._pump())
+        self.done = asyncio.create_task(self._pump())  # ends when the engine request has ended
 
     @property
     def is_running(self) -> bool:
@@ -276,14 +276,10 @@ class EditorService:
         self._prompts = FimPromptBuilder(serving, self.template)
         self._sessions: OrderedDict[str, _Generation] = OrderedDict()  # the latest generation of each session
 
-    @property
-    def supports_fim(self) -> bool:
-        return self.template is not None
-
     async def complete(self, request: FimRequest) -> EditorCompletion:
         """Starts (or reuses) the generation for `request`; raises a ServingError for bad input."""
         if request.params.n != 1:
-            raise GenerationError("editor completions have one choice")  # protocols check n before this
+            raise InvalidRequestError("editor completions have one choice: n must be 1", param="n")
         if self.metrics is not None:
             self.metrics.fim_requests.labels(self.metrics.model_name, self.fim_mode).inc()
         token_ids, params, is_truncated = self._prompts.build(request)
@@ -316,14 +312,15 @@ class EditorService:
 
     async def _warm(self, request: FimRequest, token_ids: list[int], params: SamplingParams, is_truncated: bool) -> EditorCompletion:
         """Computes the prompt so its blocks enter the prefix cache; the one sampled token is dropped."""
+        arrival_time = time.monotonic()
         stream = await self.serving.generate(token_ids, dataclasses.replace(params, max_tokens=1), priority=COMPLETION_PRIORITY)
         generation = _Generation(self.serving, stream, request)
-        await generation._task
+        await generation.done
         if generation.error is not None:
             raise as_serving_error(generation.error)
         completion = EditorCompletion(self, request, generation, 0, len(token_ids), False, is_truncated)
         completion.num_cached_tokens = generation.num_cached_tokens
-        completion.prompt_ms = ((generation.first_token_time or time.monotonic()) - completion._arrival_time) * 1000
+        completion.prompt_ms = ((generation.first_token_time or time.monotonic()) - arrival_time) * 1000
         completion.finish_reason = "length"
         generation.consumer = None
         return completion

@@ -36,13 +36,14 @@ class FimPromptBuilder:
             extra_files.pop(0)
             is_truncated = True
             token_ids = self._render(prefix, suffix, extra_files, request.filename)
-        overhead = len(token_ids) - self._num_tokens(prefix) - self._num_tokens(suffix)
-        for margin in (0, 16, 64):  # line sizes only add up to about the joined text's
-            if len(token_ids) <= budget:
-                break
+        if len(token_ids) > budget:
             is_truncated = True
-            prefix, suffix = self._fit(prefix, suffix, budget - overhead - margin)
-            token_ids = self._render(prefix, suffix, extra_files, request.filename)
+            overhead = len(token_ids) - self._num_tokens(prefix) - self._num_tokens(suffix)  # template tokens, files
+            for margin in (0, 16, 64):  # line sizes only add up to about the joined text's
+                prefix, suffix = self._fit(prefix, suffix, budget - overhead - margin)
+                token_ids = self._render(prefix, suffix, extra_files, request.filename)
+                if len(token_ids) <= budget:
+                    break
         if not token_ids:
             token_ids = [self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else 0]
         self.serving.check_context(len(token_ids), max_tokens, prompt_param="input_prefix")
