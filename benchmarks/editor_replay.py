@@ -34,15 +34,14 @@ import inspect
 import json
 import os
 import random
-import socket
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 
 import httpx
+
+from serving import ServerProcess, free_port  # benchmarks/ is the script's folder
 
 BOUNDARY = set(" \t\n.,:;()[]{}=+-*/%<>!&|^~'\"#@")
 DEFAULT_MODULES = ["textwrap", "shlex", "heapq", "fractions"]
@@ -110,55 +109,11 @@ def load_documents(modules: list[str], num_lines: int, max_prefix_chars: int, se
 
 
 # ---- servers ------------------------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @dataclass
-class Server:
-    name: str
-    command: list[str]
-    port: int
-    process: subprocess.Popen | None = None
-    log: tempfile._TemporaryFileWrapper | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
+class Server(ServerProcess):
     @property
     def is_ember(self) -> bool:
         return self.name == "ember"
-
-    def start(self, timeout: float = 300) -> None:
-        self.log = tempfile.NamedTemporaryFile(prefix=f"editor_replay_{self.name}_", suffix=".log", delete=False)
-        self.process = subprocess.Popen(self.command, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.process.returncode}: {' '.join(self.command)}\n{self.log_tail()}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:  # llama-server: 503 while loading
-                    return
-            time.sleep(0.5)
-        raise RuntimeError(f"{self.name} did not start in {timeout} s\n{self.log_tail()}")
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-    def log_tail(self, num_chars: int = 3000) -> str:
-        if self.log is None:
-            return ""
-        with open(self.log.name, errors="replace") as f:
-            return f.read()[-num_chars:]
 
     def counters(self) -> dict[str, float]:
         """The cumulative counters this benchmark reads from /metrics (Prometheus text), summed over labels."""

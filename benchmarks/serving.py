@@ -20,6 +20,7 @@ import os
 import socket
 import statistics
 import subprocess
+import tempfile
 import sys
 import time
 from dataclasses import dataclass, field
@@ -40,24 +41,26 @@ def make_prompt(salt: int, num_words: int) -> str:
 
 
 @dataclass
-class Peer:
+class ServerProcess:
+    """A server started as a subprocess (its output in a temporary log file), ready once it answers."""
+
     name: str
     command: list[str]
     port: int
-    model: str
-    extra_body: dict = field(default_factory=dict)  # what makes each request generate exactly max_tokens
-    process: subprocess.Popen | None = None
+    process: subprocess.Popen | None = field(default=None, init=False, repr=False)
+    log: tempfile._TemporaryFileWrapper | None = field(default=None, init=False, repr=False)
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 300) -> None:
-        self.process = subprocess.Popen(self.command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.log = tempfile.NamedTemporaryFile(prefix=f"ember_bench_{self.name}_", suffix=".log", delete=False)
+        self.process = subprocess.Popen(self.command, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.process.returncode}: {' '.join(self.command)}")
+                raise RuntimeError(f"{self.name} exited with {self.process.returncode}: {' '.join(self.command)}\n{self.log_tail()}")
             try:  # llama-server answers /health with 503 while it loads; llama-cpp-python has only /v1/models
                 health = httpx.get(self.url + "/health", timeout=1).status_code
                 if health == 200 or (health == 404 and httpx.get(self.url + "/v1/models", timeout=1).status_code == 200):
@@ -65,7 +68,7 @@ class Peer:
             except httpx.HTTPError:
                 pass
             time.sleep(0.5)
-        raise RuntimeError(f"{self.name} did not start in {timeout} s")
+        raise RuntimeError(f"{self.name} did not start in {timeout} s\n{self.log_tail()}")
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -74,6 +77,19 @@ class Peer:
                 self.process.wait(30)
             except subprocess.TimeoutExpired:
                 self.process.kill()
+                self.process.wait()
+
+    def log_tail(self, num_chars: int = 3000) -> str:
+        if self.log is None:
+            return ""
+        with open(self.log.name, errors="replace") as f:
+            return f.read()[-num_chars:]
+
+
+@dataclass
+class Peer(ServerProcess):
+    model: str = ""
+    extra_body: dict = field(default_factory=dict)  # what makes each request generate exactly max_tokens
 
 
 @dataclass
