@@ -149,7 +149,6 @@ class EditorCompletion:
         self.num_prompt_tokens = num_prompt_tokens  # the rendered prompt
         self.num_cached_tokens = num_prompt_tokens if is_reused else 0  # prompt tokens not computed for this request
         self.num_output_tokens = 0  # tokens generated for this answer
-        self.fim_mode = service.fim_mode  # "fim": the model's FIM tokens; "prefix": prefix-only, the suffix stops and trims
         self.is_reused = is_reused  # answered from the session's previous generation (the user typed ahead through it)
         self.is_truncated = is_truncated  # the prefix, suffix or extra files were cut to fit the context
         self.prompt_ms = 0.0  # from arrival to the first token
