@@ -1,7 +1,47 @@
 """SamplingParams: how one request is sampled and when it stops, validated once at construction."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+
+
+@dataclass
+class StructuredOutputsParams:
+    """Constrains the output to a JSON schema, any JSON object, a regex, one of some strings, or a grammar
+    (GBNF/EBNF, llama.cpp's dialect). Exactly one is set. Field names follow vLLM's `StructuredOutputsParams`."""
+
+    json: dict | str | None = None  # a JSON schema (dict or its text)
+    json_object: bool = False
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+
+    def __post_init__(self) -> None:
+        kinds = [k for k in ("json", "regex", "choice", "grammar") if getattr(self, k) is not None]
+        kinds += ["json_object"] if self.json_object else []
+        _check(len(kinds) == 1, "structured_outputs", f"needs exactly one of json, json_object, regex, choice, grammar; got {kinds or 'none'}")
+        if self.choice is not None:
+            _check(
+                isinstance(self.choice, list) and self.choice and all(isinstance(c, str) and c for c in self.choice),
+                "structured_outputs.choice", "must be a non-empty list of non-empty strings",
+            )
+        if isinstance(self.json, str):
+            try:
+                self.json = json.loads(self.json)
+            except ValueError as exc:
+                raise InvalidParameterError("structured_outputs.json", f"is not valid JSON: {exc}") from None
+        _check(self.json is None or isinstance(self.json, (dict, bool)), "structured_outputs.json", "must be a JSON schema object")
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """(kind, canonical text): the compiled-grammar cache key."""
+        if self.json is not None:
+            return "json", json.dumps(self.json, sort_keys=True)
+        if self.json_object:
+            return "json_object", ""
+        if self.choice is not None:
+            return "choice", json.dumps(self.choice)
+        return ("regex", self.regex) if self.regex is not None else ("grammar", self.grammar)
 
 
 @dataclass
@@ -23,6 +63,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     logprobs: int | None = None  # number of top alternatives per sampled token (0: only the sampled one)
     skip_special_tokens: bool = True
+    structured_outputs: StructuredOutputsParams | None = None  # None: unconstrained
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

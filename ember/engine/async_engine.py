@@ -104,6 +104,9 @@ class AsyncEngine:
             raise QueueFullError("the server is shutting down")
         if self.max_queued_requests is not None and self.num_waiting >= self.max_queued_requests:
             raise QueueFullError(f"too many queued requests ({self.num_waiting}); try again shortly")
+        if params is not None and params.structured_outputs is not None:
+            # Compile (or find cached) off the event loop; prepare_request then finds it in the cache.
+            await asyncio.to_thread(self.engine.structured_output.compile, params.structured_outputs)
         parent = self.engine.prepare_request(request_id, prompt, params, prompt_token_ids, priority)
         if parent.request_id in self._streams:
             raise ValueError(f"request id {parent.request_id!r} is already in use")

@@ -11,6 +11,7 @@ from ember.config import EngineConfig
 from ember.engine.kv_cache_manager import KVCacheManager
 from ember.engine.request import Request, RequestStatus
 from ember.engine.scheduler import Scheduler
+from ember.engine.structured_output import GrammarMatcher, StructuredOutputManager
 from ember.loader import load_checkpoint
 from ember.loader.hub import embedded_model_path
 from ember.outputs import CompletionOutput, Logprob, RequestOutput
@@ -33,6 +34,7 @@ class _Sequence:
     num_emitted_chars: int = 0
     logprobs: list[list[Logprob]] | None = None
     finish_reason: str | None = None
+    grammar: GrammarMatcher | None = None  # a constrained request's position in its grammar
 
 
 @dataclass
@@ -68,6 +70,7 @@ class LLMEngine:
         del checkpoint
         self.kv_cache = KVCacheManager(self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv_cache)
+        self.structured_output = StructuredOutputManager(self.tokenizer, self.runner.model.vocab_size, config.num_threads or 2)
         self._parents: dict[str, ParentRequest] = {}
         self._sequences: dict[str, _Sequence] = {}  # by the child request id
         self._ids = itertools.count()
@@ -133,7 +136,10 @@ class LLMEngine:
             request = Request(child_id, prompt_token_ids, child_params, max_tokens, priority)
             detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens)
             logprobs = [] if params.logprobs is not None else None
-            parent.sequences.append(_Sequence(request, request_id, index, detokenizer, logprobs=logprobs))
+            grammar = None
+            if params.structured_outputs is not None:
+                grammar = self.structured_output.new_matcher(params.structured_outputs)
+            parent.sequences.append(_Sequence(request, request_id, index, detokenizer, logprobs=logprobs, grammar=grammar))
         return parent
 
     def add_prepared(self, parent: ParentRequest) -> None:
@@ -164,7 +170,12 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Schedules and runs one batch; returns an output for each request that produced text or finished."""
         scheduler_output = self.scheduler.schedule()
-        sampled = self.runner.execute(scheduler_output)
+        token_bitmasks = {}
+        for scheduled in scheduler_output.requests:
+            sequence = self._sequences.get(scheduled.request_id)
+            if scheduled.do_sample and sequence is not None and sequence.grammar is not None:
+                token_bitmasks[scheduled.request_id] = sequence.grammar.fill_bitmask()
+        sampled = self.runner.execute(scheduler_output, token_bitmasks)
         self.scheduler.update_from_output(scheduler_output)
         changed: dict[str, ParentRequest] = {}
         now = time.monotonic()
@@ -186,13 +197,17 @@ class LLMEngine:
         request, params = sequence.request, sequence.request.params
         token_id = token.token_id
         request.append_output_token(token_id)
+        if sequence.grammar is not None and not sequence.grammar.accept(token_id):
+            logger.error("request %s: sampled token %d is outside its grammar", request.request_id, token_id)
         if sequence.logprobs is not None:
             sequence.logprobs.append([Logprob(t, lp, self.tokenizer.token_text(t)) for t, lp in token.logprobs])
         num_output = request.num_output_tokens
         is_stop_token = token_id in params.stop_token_ids or (
             token_id in self.tokenizer.eos_token_ids and not params.ignore_eos
         )
-        if is_stop_token and num_output >= params.min_tokens:
+        # A complete structure has nothing left to generate, whatever min_tokens or ignore_eos say.
+        is_grammar_end = sequence.grammar is not None and sequence.grammar.is_terminated
+        if (is_stop_token and num_output >= params.min_tokens) or is_grammar_end:
             if params.include_stop_str_in_output:
                 sequence.text += sequence.detokenizer.add([token_id])
             self._finish(sequence, RequestStatus.FINISHED_STOPPED, token_id)

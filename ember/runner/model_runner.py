@@ -45,8 +45,13 @@ class ModelRunner:
         return self.num_blocks * self.block_size
 
     @torch.inference_mode()
-    def execute(self, scheduler_output: "SchedulerOutput") -> dict[str, SampledToken]:
-        """Runs one step; returns the sampled token of each request whose step ended its known tokens."""
+    def execute(
+        self, scheduler_output: "SchedulerOutput", token_bitmasks: dict[str, torch.Tensor] | None = None
+    ) -> dict[str, SampledToken]:
+        """Runs one step; returns the sampled token of each request whose step ended its known tokens.
+
+        `token_bitmasks`: request id → int32 [ceil(vocab / 32)] allowed-token bits, for constrained requests.
+        """
         for request_id in scheduler_output.finished_request_ids:
             self.generators.pop(request_id, None)
         requests = scheduler_output.requests
@@ -74,7 +79,8 @@ class ModelRunner:
         last_token_rows = torch.tensor([query_start_loc[i + 1] - 1 for i in sampled])
         logits = self.model.compute_logits(hidden[last_token_rows])  # [num_sampled, vocab_size]
         sampled_requests = [requests[i] for i in sampled]
-        tokens = self.sampler(logits, sampled_requests, [self._generator(r) for r in sampled_requests])
+        bitmasks = [(token_bitmasks or {}).get(r.request_id) for r in sampled_requests]
+        tokens = self.sampler(logits, sampled_requests, [self._generator(r) for r in sampled_requests], bitmasks)
         return {r.request_id: token for r, token in zip(sampled_requests, tokens)}
 
     def _generator(self, request) -> torch.Generator | None:

@@ -1,4 +1,4 @@
-"""Batched sampling: penalties, min_tokens, greedy, temperature, top-k, top-p, min-p, seeds, logprobs.
+"""Batched sampling: grammar bitmasks, penalties, min_tokens, greedy, temperature, top-k, top-p, min-p, seeds, logprobs.
 
 Every operation is row-wise, so a request's token does not depend on what else is in the batch; a
 seeded request draws from its own generator, so the same seed gives the same text in any batch.
@@ -31,16 +31,23 @@ class Sampler:
         logits: torch.Tensor,  # [num_reqs, vocab_size] float32
         requests: list["ScheduledRequest"],
         generators: list[torch.Generator | None],
+        bitmasks: list[torch.Tensor | None] | None = None,  # per request: int32 [ceil(vocab_size / 32)] or None
     ) -> list[SampledToken]:
         logits = logits.float()
         raw_logprobs = None
         if any(r.params.logprobs is not None for r in requests):
             raw_logprobs = torch.log_softmax(logits, dim=-1)  # [num_reqs, vocab_size]
         logits = logits.clone()
+        constrained = [i for i, bitmask in enumerate(bitmasks or []) if bitmask is not None]
+        if constrained:
+            apply_token_bitmasks(logits, constrained, torch.stack([bitmasks[i] for i in constrained]))
         for i, request in enumerate(requests):
             if request.params.has_penalties:
                 apply_penalties(logits[i], request)
-            if request.params.min_tokens and len(request.output_token_ids) < request.params.min_tokens:
+            # The grammar decides where a constrained output may end.
+            is_constrained = bitmasks is not None and bitmasks[i] is not None
+            is_short = len(request.output_token_ids) < request.params.min_tokens
+            if is_short and not is_constrained:
                 banned = list(request.params.stop_token_ids) + ([] if request.params.ignore_eos else self.eos_token_ids)
                 logits[i, banned] = float("-inf")
 
@@ -67,6 +74,16 @@ class Sampler:
                     logprobs += list(zip(ids.tolist(), values.tolist()))
             results.append(SampledToken(token_id_list[i], logprobs))
         return results
+
+
+def apply_token_bitmasks(logits: torch.Tensor, rows: list[int], bitmasks: torch.Tensor) -> None:
+    """Sets logits[rows[j], t] to -inf where bit t of bitmasks[j] is clear (bit t % 32 of word t // 32)."""
+    vocab_size = logits.shape[1]
+    shifts = torch.arange(32, dtype=torch.int32)
+    allowed = ((bitmasks.unsqueeze(-1) >> shifts) & 1).flatten(1).bool()  # [len(rows), 32 * words]
+    if allowed.shape[1] < vocab_size:  # tokens past the mask's end are never allowed
+        allowed = torch.nn.functional.pad(allowed, (0, vocab_size - allowed.shape[1]))
+    logits[rows] = logits[rows].masked_fill(~allowed[:, :vocab_size], float("-inf"))
 
 
 def apply_penalties(logits: torch.Tensor, request: "ScheduledRequest") -> None:
