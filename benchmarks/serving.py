@@ -3,13 +3,16 @@
 Starts each server on the same GGUF (the embedded SmolLM2) with the same thread count, then at each
 concurrency level (default 1, 4, 16) keeps that many streaming /v1/completions requests in flight and
 reports requests/s, output tokens/s, time to first token and inter-token latency (p50 / p95), then
-Ember's figure over each peer's. Peers, when found (see ../shared/peers/setup.sh, `source env.sh`):
+Ember's figure over each peer's. With --structured (issue #7), each server also runs every level with each
+request constrained to a JSON schema (Ember: vLLM's `structured_outputs`; llama-server: its `json_schema`),
+reported beside the unconstrained rows, and Ember's schema compile time (first and cached) is measured in-process. Peers, when found (see ../shared/peers/setup.sh, `source env.sh`):
   llama-cpp-python  `python -m llama_cpp.server`: one request at a time
   llama-server      llama.cpp's own server, with --parallel slots and continuous batching (the strong peer)
 Not a test: run it with nothing else on the machine.
 
     .venv/bin/python benchmarks/serving.py [--concurrency 1 4 16] [--max-tokens 64] [--threads 2]
         [--llamacpp-py $LLAMACPP_PY] [--llama-server $LLAMA_SERVER] [--servers ember llama-server llama-cpp-python]
+        [--structured]
 """
 from __future__ import annotations
 
@@ -27,6 +30,17 @@ from dataclasses import dataclass, field
 
 import httpx
 
+# The --structured rows' schema: long enough to fill ~64 tokens, bounded so it always closes.
+RECORD_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "title": {"type": "string", "maxLength": 60},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 16}, "maxItems": 6},
+        "rating": {"type": "integer", "minimum": 1, "maximum": 5},
+        "summary": {"type": "string", "maxLength": 200},
+    },
+    "required": ["title", "tags", "rating", "summary"],
+}
 WORDS = "the quick brown fox jumps over a lazy dog while seven wizards quietly judge boxing matches".split()
 
 
@@ -90,6 +104,7 @@ class ServerProcess:
 class Peer(ServerProcess):
     model: str = ""
     extra_body: dict = field(default_factory=dict)  # what makes each request generate exactly max_tokens
+    schema_body: dict | None = None  # what constrains a request to RECORD_SCHEMA (None: not supported)
 
 
 @dataclass
@@ -99,8 +114,9 @@ class RequestResult:
     num_tokens: int
 
 
-async def one_request(client: httpx.AsyncClient, peer: Peer, prompt: str, max_tokens: int) -> RequestResult:
-    body = {"model": peer.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True, **peer.extra_body}
+async def one_request(client: httpx.AsyncClient, peer: Peer, prompt: str, max_tokens: int, structured: bool) -> RequestResult:
+    body = {"model": peer.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    body.update(peer.schema_body if structured else peer.extra_body)
     start = time.perf_counter()
     times = []
     async with client.stream("POST", peer.url + "/v1/completions", json=body) as response:
@@ -116,8 +132,11 @@ async def one_request(client: httpx.AsyncClient, peer: Peer, prompt: str, max_to
     return RequestResult(times[0] - start, [b - a for a, b in zip(times, times[1:])], len(times))
 
 
-async def run_level(peer: Peer, concurrency: int, num_requests: int, max_tokens: int, prompt_words: int) -> dict:
+async def run_level(peer: Peer, concurrency: int, num_requests: int, max_tokens: int, prompt_words: int,
+                    structured: bool = False) -> dict:
     prompts = [make_prompt(i, prompt_words) for i in range(num_requests)]
+    if structured:
+        prompts = [p.replace("Continue this story:", "Describe this story as a JSON record:") for p in prompts]
     queue: asyncio.Queue = asyncio.Queue()
     for prompt in prompts:
         queue.put_nowait(prompt)
@@ -127,7 +146,7 @@ async def run_level(peer: Peer, concurrency: int, num_requests: int, max_tokens:
 
         async def worker():
             while not queue.empty():
-                results.append(await one_request(client, peer, queue.get_nowait(), max_tokens))
+                results.append(await one_request(client, peer, queue.get_nowait(), max_tokens, structured))
 
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -185,6 +204,7 @@ def main() -> int:
     parser.add_argument("--llama-server", default=os.environ.get("LLAMA_SERVER"))
     parser.add_argument("--servers", nargs="+", default=["ember", "llama-server", "llama-cpp-python"])
     parser.add_argument("--ember-flags", default="", help='extra `ember serve` flags, e.g. "--no-batch-invariant"')
+    parser.add_argument("--structured", action="store_true", help="also run each level with JSON-schema-constrained requests")
     args = parser.parse_args()
 
     from ember.loader.hub import embedded_model_path
@@ -196,14 +216,14 @@ def main() -> int:
         port = free_port()
         peers.append(Peer("ember", [sys.executable, "-m", "ember", "serve", gguf, "--port", str(port), "--served-model-name", "m",
                                     "--num-threads", str(args.threads), "--max-model-len", str(args.ctx), *args.ember_flags.split()],
-                          port, "m", {"ignore_eos": True}))
+                          port, "m", {"ignore_eos": True}, {"structured_outputs": {"json": RECORD_SCHEMA}}))
     if "llama-server" not in args.servers:
         pass
     elif args.llama_server and os.path.exists(args.llama_server):
         port = free_port()
         peers.append(Peer("llama-server", [args.llama_server, "-m", gguf, "--port", str(port), "-t", str(args.threads),
                                            "-c", str(args.ctx * slots), "--parallel", str(slots), "--cont-batching"],
-                          port, "m", {"ignore_eos": True}))
+                          port, "m", {"ignore_eos": True}, {"json_schema": RECORD_SCHEMA}))
     else:
         print("llama-server not found (../shared/peers/setup.sh llamacpp builds it); skipping it", file=sys.stderr)
     if "llama-cpp-python" not in args.servers:
@@ -220,21 +240,63 @@ def main() -> int:
         print("llama-cpp-python not found; skipping it", file=sys.stderr)
 
     rows: dict[tuple[int, str], dict] = {}
+    names = []
     for peer in peers:  # one server at a time, so they never share the cores
         print(f"{peer.name}: starting", file=sys.stderr)
         peer.start()
         try:
-            asyncio.run(run_level(peer, 1, 1, 8, args.prompt_words))  # warm-up
-            for c in args.concurrency:
-                num_requests = args.requests or max(4, 2 * c)
-                rows[(c, peer.name)] = asyncio.run(run_level(peer, c, num_requests, args.max_tokens, args.prompt_words))
-                print(f"{peer.name} c={c}: {rows[(c, peer.name)]}", file=sys.stderr)
+            kinds = [False] + ([True] if args.structured and peer.schema_body is not None else [])
+            for structured in kinds:
+                asyncio.run(run_level(peer, 1, 1, 8, args.prompt_words, structured))  # warm-up (and schema compile)
+                name = peer.name + (" json-schema" if structured else "")
+                names.append(name)
+                for c in args.concurrency:
+                    num_requests = args.requests or max(4, 2 * c)
+                    rows[(c, name)] = asyncio.run(run_level(peer, c, num_requests, args.max_tokens, args.prompt_words, structured))
+                    print(f"{name} c={c}: {rows[(c, name)]}", file=sys.stderr)
         finally:
             peer.stop()
     print(f"\nstreaming /v1/completions, {args.max_tokens} new tokens per request, ~{args.prompt_words + 4}-word prompts, "
           f"{args.threads} threads, {os.path.basename(gguf)}{', ember ' + args.ember_flags if args.ember_flags else ''}\n")
-    print_table(rows, args.concurrency, [p.name for p in peers])
+    print_table(rows, args.concurrency, names)
+    if args.structured:
+        print_structured(rows, args.concurrency, names)
+        print_compile_times(gguf)
     return 0
+
+
+def print_structured(rows: dict[tuple[int, str], dict], concurrencies: list[int], names: list[str]) -> None:
+    print("\nJSON-schema-constrained over unconstrained, same server (tok/s; itl p50):")
+    for name in names:
+        if name.endswith(" json-schema"):
+            plain = name.removesuffix(" json-schema")
+            for c in concurrencies:
+                s, p = rows[(c, name)], rows[(c, plain)]
+                print(f"  {plain:<18} c={c:<3} tok/s {s['tok/s']:7.2f} / {p['tok/s']:7.2f} = {s['tok/s'] / p['tok/s']:.2f}x;"
+                      f"  itl p50 {s['itl p50'] * 1000:5.0f} / {p['itl p50'] * 1000:5.0f} ms")
+
+
+def print_compile_times(gguf: str, repeats: int = 5) -> None:
+    """Ember's schema compilation, in this process: the first (with xgrammar's import and tokenizer tables),
+    a new schema once warm, and a cached one."""
+    from ember.engine.structured_output import StructuredOutputManager
+    from ember.loader import read_gguf_metadata
+    from ember.sampling_params import StructuredOutputsParams
+    from ember.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_gguf_metadata(read_gguf_metadata(gguf))
+    manager = StructuredOutputManager(tokenizer, tokenizer.backend.get_vocab_size())
+
+    def timed(schema: dict) -> float:
+        start = time.perf_counter()
+        manager.compile(StructuredOutputsParams(json=schema))
+        return 1000 * (time.perf_counter() - start)
+
+    first = timed(RECORD_SCHEMA)
+    new = [timed({**RECORD_SCHEMA, "title": f"variant {i}"}) for i in range(repeats)]
+    cached = [timed(RECORD_SCHEMA) for _ in range(repeats)]
+    print(f"\nEmber schema compile (ms): first {first:.0f} (incl. xgrammar import); new schema median "
+          f"{statistics.median(new):.1f} ({min(new):.1f}-{max(new):.1f}); cached median {statistics.median(cached):.3f}")
 
 
 if __name__ == "__main__":

@@ -24,12 +24,13 @@ from ember.server.protocol import openai as openai_protocol
 from ember.server.protocol import tgi as tgi_protocol
 from ember.server.editor import EditorService
 from ember.server.protocol import llamacpp as llamacpp_protocol
-from ember.server.routes import completion, health, metrics, ollama, openai, tgi, tokens, web
+from ember.server.routes import completion, health, llamacpp, metrics, ollama, openai, tgi, tokens, web
 from ember.server.serving import InvalidRequestError, Serving, ServingError, as_serving_error
 
 logger = logging.getLogger(__name__)
 
 TGI_PATHS = ("/", "/generate", "/generate_stream", "/info")
+LLAMACPP_PATHS = ("/infill", "/completion", "/completions")
 
 
 def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
@@ -52,7 +53,7 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
     app.state.serving = serving
     app.state.metrics = serving.metrics
     app.state.editor = EditorService(serving)
-    for module in (openai, completion, tgi, ollama, tokens, health, metrics, web):
+    for module in (openai, completion, llamacpp, tgi, ollama, tokens, health, metrics, web):
         app.include_router(module.router)
 
     app.add_exception_handler(RequestValidationError, _validation_error)
@@ -83,7 +84,7 @@ def error_response(request: Request, err: ServingError) -> JSONResponse:
     headers = {"Retry-After": str(getattr(err, "retry_after_s", 1))} if err.status_code == 503 else None
     if path.startswith("/api/"):
         return JSONResponse(ollama_protocol.error_body(err), err.status_code, headers)
-    if path == "/infill":
+    if path in LLAMACPP_PATHS:
         return JSONResponse(llamacpp_protocol.error_body(err), err.status_code, headers)
     if path in TGI_PATHS:
         return JSONResponse(tgi_protocol.error_body(err), tgi_protocol.status_code(err), headers)

@@ -22,7 +22,7 @@ from fastapi.responses import StreamingResponse
 from ember.config import ServerConfig
 from ember.engine.async_engine import AsyncEngine, EngineDeadError, QueueFullError, RequestAbortedError
 from ember.outputs import RequestOutput
-from ember.sampling_params import InvalidParameterError, SamplingParams
+from ember.sampling_params import InvalidParameterError, SamplingParams, StructuredOutputsParams
 from ember.server.metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
@@ -82,6 +82,22 @@ def as_serving_error(exc: BaseException) -> ServingError:
     return GenerationError(f"internal error: {type(exc).__name__}: {exc}")
 
 
+def renamed(exc: InvalidParameterError, param_names: dict[str, str] | None) -> InvalidRequestError:
+    """`exc` as a 400 that names the parameter as the client's protocol calls it."""
+    name = (param_names or {}).get(exc.param, exc.param)
+    message = str(exc)
+    if name != exc.param:
+        message = name + message[len(exc.param):]
+    return InvalidRequestError(message, param=name)
+
+
+def constraint_names(param: str | None) -> dict[str, str]:
+    """`param_names` for `Serving.generate`: a constraint that does not compile is named `param`, the
+    client's field, rather than the engine's `structured_outputs.<kind>`."""
+    kinds = ("json", "json_object", "regex", "choice", "grammar")
+    return {f"structured_outputs.{kind}": param for kind in kinds} if param and param != "structured_outputs" else {}
+
+
 def reject_unsupported(fields: dict[str, object]) -> None:
     """400 for the first field set to a value that would change behaviour Ember does not implement."""
     for name, (value, neutral) in fields.items():
@@ -120,10 +136,11 @@ class Serving:
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
 
-    def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True) -> tuple[str, list[int]]:
-        """The model's chat template applied to `messages`; the template already holds any BOS token."""
+    def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True, **extra) -> tuple[str, list[int]]:
+        """The model's chat template applied to `messages` (`extra`: template variables such as `tools`);
+        the template already holds any BOS token."""
         try:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, **extra)
         except Exception as exc:  # a template that raises on this conversation (e.g. role order) is the caller's 400
             raise InvalidRequestError(f"the chat template cannot render these messages: {exc}", param="messages") from exc
         return text, self.encode(text, add_special_tokens=False)
@@ -160,17 +177,24 @@ class Serving:
         try:
             return SamplingParams(**fields)
         except InvalidParameterError as exc:
-            name = (param_names or {}).get(exc.param, exc.param)
-            message = str(exc)
-            if name != exc.param:
-                message = name + message[len(exc.param):]
-            raise InvalidRequestError(message, param=name) from exc
+            raise renamed(exc, param_names) from exc
+
+    @staticmethod
+    def structured_outputs(param: str, **fields) -> StructuredOutputsParams:
+        """A constraint from the client's field `param`; its validation errors name `param`."""
+        try:
+            return StructuredOutputsParams(**fields)
+        except InvalidParameterError as exc:
+            # vLLM's structured_outputs has the engine's own names (structured_outputs.choice, ...)
+            raise renamed(exc, {} if param == "structured_outputs" else {exc.param: param}) from exc
 
     # ---- generation ----------------------------------------------------------------------------
     async def generate(
-        self, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None = None, priority: int = 0
+        self, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None = None, priority: int = 0,
+        param_names: dict[str, str] | None = None,
     ) -> "RequestStream":
-        """Queues a request and returns its outputs; raises a ServingError before any output for bad input.
+        """Queues a request and returns its outputs; raises a ServingError before any output for bad input
+        (a constraint that does not compile included; `param_names` renames its parameter for the client).
 
         Closing the returned stream, cancelling its reader, or dropping it unread aborts the request.
         """
@@ -179,6 +203,8 @@ class Serving:
             stream = await self.engine.generate(
                 prompt=prompt, params=params, request_id=request_id, prompt_token_ids=prompt_token_ids, priority=priority
             )
+        except InvalidParameterError as exc:
+            raise renamed(exc, param_names) from exc
         except Exception as exc:
             raise as_serving_error(exc) from exc
         return RequestStream(self, request_id, stream)

@@ -20,7 +20,7 @@ OPENAI_CASES = [
     ("/v1/completions", {**GOOD, "top_p": 1.5}, 400, "top_p", "(0, 1]"),
     ("/v1/completions", {**GOOD, "n": 0}, 400, "n", "at least 1"),
     ("/v1/completions", {**GOOD, "logprobs": 50}, 400, "logprobs", "[0, 20]"),
-    ("/v1/completions", {**GOOD, "guided_regex": "a+"}, 400, "guided_regex", "unsupported field"),
+    ("/v1/completions", {**GOOD, "guided_decoding_backend": "outlines"}, 400, "guided_decoding_backend", "unsupported field"),
     ("/v1/completions", {**GOOD, "suffix": "}", "n": 2}, 400, "n", "with suffix, n must be 1"),
     ("/v1/completions", {**GOOD, "logit_bias": {"1": 5}}, 400, "logit_bias", "not supported"),
     ("/v1/completions", {**GOOD, "echo": True, "logprobs": 1}, 400, "echo", "logprobs"),
@@ -33,7 +33,7 @@ OPENAI_CASES = [
     ("/v1/chat/completions", {"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}], "max_completion_tokens": 4000}, 400, "max_completion_tokens", "2048"),
     ("/v1/chat/completions", {"model": "smollm2", "messages": [{"role": "wizard", "content": "Hi"}]}, 400, "messages.0.role", "Input should be"),
     ("/v1/chat/completions", {"model": "smollm2", "messages": []}, 400, "messages", ""),
-    ("/v1/chat/completions", {"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}], "response_format": {"type": "json_object"}}, 400, "response_format", "not supported"),
+    ("/v1/chat/completions", {"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}], "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tool_choice", "auto"),
     ("/v1/chat/completions", {"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}], "top_logprobs": 2}, 400, "top_logprobs", "logprobs"),
     ("/v1/chat/completions", {"model": "smollm2", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, 400, None, ""),
 ]

@@ -152,7 +152,7 @@ def test_llamacpp_bad_values():
 def test_llamacpp_response():
     request = llamacpp.InfillRequest.model_validate({**LLAMA_VSCODE_BODY, "stop": ["\n\n"]})
     fim = request.to_fim_request()
-    body = llamacpp.infill_response(Completion(stop_word="\n\n"), request, fim, "qwen-coder")
+    body = llamacpp.completion_response(Completion(stop_word="\n\n"), request, fim.params, "qwen-coder")
     assert list(body) == [
         "index", "content", "tokens", "id_slot", "stop", "model", "tokens_predicted", "tokens_evaluated",
         "generation_settings", "prompt", "has_new_line", "truncated", "stop_type", "stopping_word", "tokens_cached", "timings",
@@ -175,7 +175,7 @@ def test_llamacpp_response():
 
 def test_llamacpp_response_fields_as_llama_vim_reads_them():
     request = llamacpp.InfillRequest.model_validate(LLAMA_VIM_BODY)
-    body = llamacpp.infill_response(Completion(), request, request.to_fim_request(), "m")
+    body = llamacpp.completion_response(Completion(), request, request.to_fim_request().params, "m")
     assert body == {
         "content": "    return a + b\n",
         "timings/prompt_n": 20, "timings/prompt_ms": 10.0, "timings/prompt_per_token_ms": 0.5, "timings/prompt_per_second": 2000.0,
@@ -184,16 +184,16 @@ def test_llamacpp_response_fields_as_llama_vim_reads_them():
     }
     warm = llamacpp.InfillRequest.model_validate(LLAMA_VIM_WARM_BODY)
     empty = Completion(text="", finish_reason="length", num_output_tokens=0, predicted_ms=0.0)
-    assert llamacpp.infill_response(empty, warm, warm.to_fim_request(), "m") == {}  # response_fields [""]
+    assert llamacpp.completion_response(empty, warm, warm.to_fim_request().params, "m") == {}  # response_fields [""]
 
 
 def test_llamacpp_stream_events():
     request = llamacpp.InfillRequest.model_validate({**LLAMA_VSCODE_BODY, "stream": True})
     completion = Completion(num_output_tokens=1)
-    assert llamacpp.infill_chunk(completion, "    ") == {
+    assert llamacpp.completion_chunk(completion, "    ") == {
         "index": 0, "content": "    ", "tokens": [], "stop": False, "id_slot": 0, "tokens_predicted": 1, "tokens_evaluated": 120,
     }
-    final = llamacpp.infill_response(Completion(), request, request.to_fim_request(), "m")
+    final = llamacpp.completion_response(Completion(), request, request.to_fim_request().params, "m")
     assert final["stop"] is True and final["content"] == "" and final["stop_type"] == "eos"  # the text went out in chunks
     zero = Completion(num_prompt_tokens=5, num_cached_tokens=5, num_output_tokens=0, prompt_ms=0.0, predicted_ms=0.0)
     t = llamacpp.timings(zero)

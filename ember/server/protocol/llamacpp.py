@@ -1,4 +1,5 @@
-"""llama.cpp wire format: POST /infill as llama.vim and llama.vscode send it, answered in /completion's shape.
+"""llama.cpp wire format: POST /completion (a plain completion, with `grammar` / `json_schema` for
+structured output) and POST /infill as llama.vim and llama.vscode send it, both answered in /completion's shape.
 
 Matched against ggml-org/llama.cpp tools/server/README.md (/completion and /infill options, response
 fields) and tools/server/server-task.cpp (`to_json_non_oaicompat` of the final and partial results,
@@ -14,10 +15,14 @@ nor is the `infill` sampler. `response_fields` selects and flattens the answer's
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from pydantic import BaseModel, ConfigDict
 
-from ember.server.editor import EditorCompletion, FimRequest
-from ember.server.serving import InvalidRequestError, Serving, ServingError, reject_unsupported
+from ember.outputs import RequestOutput
+from ember.sampling_params import SamplingParams, StructuredOutputsParams
+from ember.server.editor import FimRequest
+from ember.server.serving import InvalidRequestError, Serving, ServingError, constraint_names, reject_unsupported
 
 # llama.cpp's /completion defaults (README): the editors above override top_k and top_p, not temperature.
 DEFAULT_TEMPERATURE = 0.8
@@ -53,14 +58,10 @@ class LoraAdapter(_Lenient):
     scale: float
 
 
-class InfillRequest(_Lenient):
-    input_prefix: str = ""
-    input_suffix: str = ""
-    input_extra: list[ExtraChunk] = []
-    prompt: str = ""  # the current line up to the cursor: it follows input_prefix
+class _Options(_Lenient):
+    """The generation options /completion and /infill share."""
+
     n_predict: int = -1  # -1: unlimited; 0: only evaluate the prompt into the cache
-    n_indent: int = 0
-    t_max_predict_ms: float = 0  # 0: no limit
     stream: bool = False
     stop: list[str] = []
     temperature: float | None = None
@@ -88,8 +89,11 @@ class InfillRequest(_Lenient):
     mirostat_tau: float | None = None
     mirostat_eta: float | None = None
     dynatemp_exponent: float | None = None
-    # Selects which response fields come back: applied by `infill_response`.
+    # Selects which response fields come back: applied by `completion_response`.
     response_fields: list[str] | None = None
+    # Structured output (/completion only: see `InfillRequest`): a GBNF grammar or a JSON schema.
+    grammar: str | None = None
+    json_schema: dict | None = None
     # Only at their neutral values: behaviour Ember does not implement.
     n_probs: int = 0
     post_sampling_probs: bool = False
@@ -100,15 +104,12 @@ class InfillRequest(_Lenient):
     dynatemp_range: float = 0.0
     dry_multiplier: float = 0.0
     xtc_probability: float = 0.0
-    grammar: str | None = None
-    json_schema: dict | None = None
     logit_bias: list | dict | None = None
     lora: list[LoraAdapter] | None = None
     timings_per_token: bool = False
     return_progress: bool = False
 
-    def to_fim_request(self, session_key: str | None = None) -> FimRequest:
-        """`session_key`: the `X-Ember-Session` header (llama.cpp has no session field)."""
+    def sampling_params(self) -> SamplingParams:
         reject_unsupported({
             "n_probs": (self.n_probs, (0,)),
             "post_sampling_probs": (self.post_sampling_probs, (False,)),
@@ -119,8 +120,6 @@ class InfillRequest(_Lenient):
             "dynatemp_range": (self.dynatemp_range, (0.0,)),
             "dry_multiplier": (self.dry_multiplier, (0.0,)),
             "xtc_probability": (self.xtc_probability, (0.0,)),
-            "grammar": (self.grammar or None, (None,)),
-            "json_schema": (self.json_schema, (None,)),
             "logit_bias": (self.logit_bias or None, (None,)),
             "lora": ([a for a in self.lora or [] if a.scale != 0] or None, (None,)),
             "timings_per_token": (self.timings_per_token, (False,)),
@@ -130,12 +129,11 @@ class InfillRequest(_Lenient):
         })
         if self.n_predict < -1:
             raise InvalidRequestError(f"n_predict must be -1 (unlimited) or at least 0, got {self.n_predict}", param="n_predict")
-        warm_only = self.n_predict == 0
         enabled = self._enabled()
-        params = Serving.sampling_params(
+        return Serving.sampling_params(
             {"max_tokens": "n_predict", "repetition_penalty": "repeat_penalty"},
-            # warm_only generates nothing; SamplingParams needs a positive limit all the same
-            max_tokens=1 if warm_only else (None if self.n_predict == -1 else self.n_predict),
+            # n_predict 0 generates nothing; SamplingParams needs a positive limit all the same
+            max_tokens=1 if self.n_predict == 0 else (None if self.n_predict == -1 else self.n_predict),
             # a sampler left out of `samplers` does not run: no temperature sampler samples at temperature 1
             temperature=(DEFAULT_TEMPERATURE if self.temperature is None else max(self.temperature, 0.0))
             if "temperature" in enabled else 1.0,
@@ -148,17 +146,22 @@ class InfillRequest(_Lenient):
             seed=None if self.seed < 0 else self.seed,
             stop=self.stop,
             ignore_eos=self.ignore_eos,
+            structured_outputs=self._structured_outputs(),
         )
-        return FimRequest(
-            prefix=self.input_prefix + self.prompt,
-            suffix=self.input_suffix,
-            params=params,
-            extra_files=[(c.filename, c.text) for c in self.input_extra],
-            session_key=session_key or None,
-            max_predict_ms=self.t_max_predict_ms if self.t_max_predict_ms > 0 else None,
-            n_indent=max(self.n_indent, 0),
-            warm_only=warm_only,
-        )
+
+    def _structured_outputs(self) -> StructuredOutputsParams | None:
+        grammar = self.grammar or None
+        if grammar is not None and self.json_schema is not None:  # as llama.cpp
+            raise InvalidRequestError("Either json_schema or grammar can be specified, but not both", param="grammar")
+        if grammar is not None:
+            return Serving.structured_outputs("grammar", grammar=grammar)
+        if self.json_schema is not None:
+            return Serving.structured_outputs("json_schema", json=self.json_schema)
+        return None
+
+    @property
+    def param_names(self) -> dict[str, str]:
+        return constraint_names("grammar" if self.grammar else "json_schema" if self.json_schema is not None else None)
 
     def _enabled(self) -> set[str]:
         """The samplers Ember has that this request runs: all unless `samplers` names them (as names, or as
@@ -169,14 +172,86 @@ class InfillRequest(_Lenient):
         return {SAMPLER_NAMES[n] for n in names if n in SAMPLER_NAMES}
 
 
+class CompletionRequest(_Options):
+    """POST /completion: a plain completion of `prompt` (text, or token ids; no chat template)."""
+
+    prompt: str | list[int]
+    n_indent: int = 0  # only 0: line-indent stops belong to the editor path (/infill)
+    t_max_predict_ms: float = 0  # only 0: likewise
+
+    def sampling_params(self) -> SamplingParams:
+        reject_unsupported({
+            "n_indent": (self.n_indent, (0,)),
+            "t_max_predict_ms": (self.t_max_predict_ms, (0, 0.0)),
+        })
+        return super().sampling_params()
+
+
+class InfillRequest(_Options):
+    input_prefix: str = ""
+    input_suffix: str = ""
+    input_extra: list[ExtraChunk] = []
+    prompt: str = ""  # the current line up to the cursor: it follows input_prefix
+    n_indent: int = 0
+    t_max_predict_ms: float = 0  # 0: no limit
+
+    def to_fim_request(self, session_key: str | None = None) -> FimRequest:
+        """`session_key`: the `X-Ember-Session` header (llama.cpp has no session field)."""
+        # The editor path trims completions and answers typed-ahead requests from an earlier generation:
+        # either would break a structure, so constrained output is /completion's alone.
+        reject_unsupported({"grammar": (self.grammar or None, (None,)), "json_schema": (self.json_schema, (None,))})
+        params = self.sampling_params()
+        return FimRequest(
+            prefix=self.input_prefix + self.prompt,
+            suffix=self.input_suffix,
+            params=params,
+            extra_files=[(c.filename, c.text) for c in self.input_extra],
+            session_key=session_key or None,
+            max_predict_ms=self.t_max_predict_ms if self.t_max_predict_ms > 0 else None,
+            n_indent=max(self.n_indent, 0),
+            warm_only=self.n_predict == 0,
+        )
+
+
 # ---- responses ----------------------------------------------------------------------------------
-def stop_type(c: EditorCompletion) -> str:
+@dataclass
+class CompletionResult:
+    """What an answer reports, as its text grows and once it is done. An `EditorCompletion` (/infill) has
+    the same fields; `from_output` fills them for /completion."""
+
+    text: str = ""
+    finish_reason: str | None = None  # "stop" | "length" | ...
+    stop_word: str | None = None  # the stop string that ended it, if one did
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+    num_output_tokens: int = 0
+    is_truncated: bool = False
+    prompt_ms: float = 0.0  # from arrival to the first token
+    predicted_ms: float = 0.0  # from the first token to the end
+
+    def update(self, output: RequestOutput, now: float, generates: bool = True) -> None:
+        """Takes in the engine's latest output (`now`: time.monotonic()); `generates` False for n_predict 0,
+        whose one token only served to compute the prompt."""
+        c = output.outputs[0]
+        arrival = output.metrics.get("arrival_time", now)
+        first_token = output.metrics.get("first_token_time") or now
+        self.text = c.text if generates else ""
+        self.finish_reason = c.finish_reason
+        self.stop_word = c.stop_reason if isinstance(c.stop_reason, str) else None
+        self.num_prompt_tokens = len(output.prompt_token_ids)
+        self.num_cached_tokens = output.num_cached_tokens
+        self.num_output_tokens = len(c.token_ids) if generates else 0
+        self.prompt_ms = max(0.0, first_token - arrival) * 1e3
+        self.predicted_ms = max(0.0, now - first_token) * 1e3
+
+
+def stop_type(c: CompletionResult) -> str:
     if c.finish_reason == "stop" and c.stop_word:
         return "word"
     return STOP_TYPES.get(c.finish_reason, "none")
 
 
-def timings(c: EditorCompletion) -> dict:
+def timings(c: CompletionResult) -> dict:
     num_computed = c.num_prompt_tokens - c.num_cached_tokens
     return {
         "cache_n": c.num_cached_tokens,
@@ -191,57 +266,59 @@ def timings(c: EditorCompletion) -> dict:
     }
 
 
-def generation_settings(request: InfillRequest, fim: FimRequest, model: str) -> dict:
+def generation_settings(request: CompletionRequest | InfillRequest, params: SamplingParams, model: str) -> dict:
     """The options in effect, as llama.cpp echoes them (the subset Ember has)."""
-    p = fim.params
-    return {
+    settings = {
         "model": model,
         "n_predict": request.n_predict,
         "seed": request.seed,
-        "temperature": p.temperature,
-        "top_k": p.top_k,
-        "top_p": p.top_p,
-        "min_p": p.min_p,
-        "repeat_penalty": p.repetition_penalty,
-        "presence_penalty": p.presence_penalty,
-        "frequency_penalty": p.frequency_penalty,
-        "stop": p.stop,
-        "ignore_eos": p.ignore_eos,
-        "n_indent": fim.n_indent,
+        "temperature": params.temperature,
+        "top_k": params.top_k,
+        "top_p": params.top_p,
+        "min_p": params.min_p,
+        "repeat_penalty": params.repetition_penalty,
+        "presence_penalty": params.presence_penalty,
+        "frequency_penalty": params.frequency_penalty,
+        "stop": params.stop,
+        "ignore_eos": params.ignore_eos,
+        "n_indent": max(request.n_indent, 0),
         "t_max_predict_ms": request.t_max_predict_ms,
         "stream": request.stream,
     }
+    if request.grammar:
+        settings["grammar"] = request.grammar
+    return settings
 
 
-def infill_response(
-    completion: EditorCompletion, request: InfillRequest, fim: FimRequest, model: str, prompt: str = ""
+def completion_response(
+    result: CompletionResult, request: CompletionRequest | InfillRequest, params: SamplingParams, model: str, prompt: str = ""
 ) -> dict:
     """The whole answer, or with `request.stream` the final event (its text already went out in chunks).
     `prompt`: the rendered prompt, if the caller has it (llama.cpp echoes it)."""
     body = {
         "index": 0,
-        "content": "" if request.stream else completion.text,
+        "content": "" if request.stream else result.text,
         "tokens": [],
         "id_slot": 0,
         "stop": True,
         "model": model,
-        "tokens_predicted": completion.num_output_tokens,
-        "tokens_evaluated": completion.num_prompt_tokens,
-        "generation_settings": generation_settings(request, fim, model),
+        "tokens_predicted": result.num_output_tokens,
+        "tokens_evaluated": result.num_prompt_tokens,
+        "generation_settings": generation_settings(request, params, model),
         "prompt": prompt,
-        "has_new_line": "\n" in completion.text,
-        "truncated": completion.is_truncated,
-        "stop_type": stop_type(completion),
-        "stopping_word": completion.stop_word or "",
-        "tokens_cached": completion.num_prompt_tokens + completion.num_output_tokens,  # llama.cpp: the slot's n_past
-        "timings": timings(completion),
+        "has_new_line": "\n" in result.text,
+        "truncated": result.is_truncated,
+        "stop_type": stop_type(result),
+        "stopping_word": result.stop_word or "",
+        "tokens_cached": result.num_prompt_tokens + result.num_output_tokens,  # llama.cpp: the slot's n_past
+        "timings": timings(result),
     }
     if request.response_fields:
         return select_fields(body, request.response_fields)
     return body
 
 
-def infill_chunk(completion: EditorCompletion, delta: str) -> dict:
+def completion_chunk(result: CompletionResult, delta: str) -> dict:
     """One streamed delta (counts as they stand when it is sent)."""
     return {
         "index": 0,
@@ -249,8 +326,8 @@ def infill_chunk(completion: EditorCompletion, delta: str) -> dict:
         "tokens": [],
         "stop": False,
         "id_slot": 0,
-        "tokens_predicted": completion.num_output_tokens,
-        "tokens_evaluated": completion.num_prompt_tokens,
+        "tokens_predicted": result.num_output_tokens,
+        "tokens_evaluated": result.num_prompt_tokens,
     }
 
 

@@ -4,6 +4,7 @@ Defaults follow Ollama's documented ones (temperature 0.8, top_k 40, top_p 0.9, 
 the context), except the repeat penalty: Ember's covers the whole context rather than the last 64 tokens,
 so it is off unless asked for. Options that only tune resources (num_ctx, num_thread, num_gpu, ...) are
 accepted and have no effect; sampling options Ember lacks are accepted only at their neutral value.
+`format` is "json" (any JSON object) or a JSON schema (structured outputs).
 """
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict
 
 from ember.outputs import CompletionOutput, RequestOutput
-from ember.sampling_params import SamplingParams
+from ember.sampling_params import SamplingParams, StructuredOutputsParams
 from ember.server.editor import EditorCompletion, FimRequest
-from ember.server.serving import InvalidRequestError, Serving, ServingError, reject_unsupported
+from ember.server.serving import InvalidRequestError, Serving, ServingError, constraint_names, reject_unsupported
 
 
 class _Strict(BaseModel):
@@ -61,7 +62,7 @@ class Options(_Strict):
 class _GenerateFields(_Strict):
     model: str
     options: Options | None = None
-    format: Any = None  # only "" / null
+    format: Any = None  # "" / null: free text; "json"; or a JSON schema
     stream: bool = True
     keep_alive: float | str | None = None  # the model stays loaded anyway
     think: bool | str | None = None  # only false / null
@@ -72,7 +73,6 @@ class _GenerateFields(_Strict):
         o = self.options or Options()
         penalty = o.repeat_penalty
         reject_unsupported({
-            "format": (self.format, (None, "")),
             "think": (self.think, (None, False)),
             "options.typical_p": (o.typical_p, (None, 1.0)),
             "options.tfs_z": (o.tfs_z, (None, 1.0)),
@@ -101,7 +101,21 @@ class _GenerateFields(_Strict):
             presence_penalty=o.presence_penalty or 0.0,
             frequency_penalty=o.frequency_penalty or 0.0,
             logprobs=(self.top_logprobs or 0) if self.logprobs else None,
+            structured_outputs=self._structured_outputs(),
         )
+
+    def _structured_outputs(self) -> StructuredOutputsParams | None:
+        if self.format in (None, ""):
+            return None
+        if self.format == "json":
+            return Serving.structured_outputs("format", json_object=True)
+        if not isinstance(self.format, dict):
+            raise InvalidRequestError(f'format must be "json" or a JSON schema object, got {self.format!r}', param="format")
+        return Serving.structured_outputs("format", json=self.format)
+
+    @property
+    def param_names(self) -> dict[str, str]:
+        return constraint_names("format")
 
     @property
     def explicit_max_tokens(self) -> int | None:
@@ -123,6 +137,8 @@ class GenerateRequest(_GenerateFields):
             "template": (self.template, (None, "")),
             "images": (self.images or None, (None,)),
         })
+        if self.suffix and self.format not in (None, ""):  # the editor path trims its text, which would break a structure
+            raise InvalidRequestError("format cannot be combined with suffix", param="format")
 
 
     def fim_request(self, params: SamplingParams) -> FimRequest:

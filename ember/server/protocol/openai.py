@@ -5,18 +5,22 @@ repetition_penalty, min_tokens, stop_token_ids, ignore_eos, ...). Unknown fields
 exist in the API but that Ember does not implement are accepted only at their neutral value.
 A completion with `suffix` is fill-in-the-middle: it becomes a `FimRequest` (`fim_request`) and its answer
 an `EditorCompletion`, rendered by `fim_completion_response` / `fim_completion_chunk`.
+Structured output (`response_format`, vLLM's `structured_outputs` and older `guided_*`, and chat `tools`)
+becomes one `StructuredOutputsParams`: more than one constraint in a request is a 400.
 """
 from __future__ import annotations
 
+import json
 from typing import Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from ember.outputs import CompletionOutput, Logprob
-from ember.sampling_params import SamplingParams
+from ember.sampling_params import SamplingParams, StructuredOutputsParams
 from ember.server.editor import EditorCompletion, FimRequest
+from ember.server.protocol.openai_tools import Tool, ToolChoice, template_tools, tool_schema
 from ember.tokenizer import FimTemplate
-from ember.server.serving import InvalidRequestError, Serving, ServingError, reject_unsupported
+from ember.server.serving import InvalidRequestError, Serving, ServingError, constraint_names, reject_unsupported
 
 
 class _Strict(BaseModel):
@@ -25,6 +29,29 @@ class _Strict(BaseModel):
 
 class StreamOptions(_Strict):
     include_usage: bool = False
+
+
+class JsonSchemaFormat(_Strict):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: str
+    description: str | None = None
+    schema_: dict | None = Field(default=None, alias="schema")
+    strict: bool | None = None  # the output follows the schema exactly either way
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputsFields(_Strict):
+    """vLLM's `structured_outputs` request field (the part of it Ember implements)."""
+
+    json_: dict | str | None = Field(default=None, alias="json")
+    json_object: bool | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
 
 
 class _SamplingRequest(_Strict):
@@ -52,13 +79,65 @@ class _SamplingRequest(_Strict):
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     priority: int = 0  # lower runs first
+    # structured output: OpenAI's response_format (vLLM takes it on completions too), vLLM's structured_outputs
+    # and its older guided_* fields
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsFields | None = None
+    guided_json: dict | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+
+    def _constraints(self) -> list[tuple[str, dict]]:
+        """(the client's field, StructuredOutputsParams fields) for each constraint the request sets."""
+        found = []
+        rf = self.response_format
+        if rf is not None and rf.type == "json_object":
+            found.append(("response_format", {"json_object": True}))
+        elif rf is not None and rf.type == "json_schema":
+            if rf.json_schema is None or rf.json_schema.schema_ is None:
+                raise InvalidRequestError('response_format of type "json_schema" needs json_schema.schema', param="response_format")
+            found.append(("response_format", {"json": rf.json_schema.schema_}))
+        if self.structured_outputs is not None:
+            fields = self.structured_outputs.model_dump(exclude_none=True)
+            fields = {("json" if k == "json_" else k): v for k, v in fields.items() if v is not False}
+            found.append(("structured_outputs", fields))
+        for kind in ("json", "regex", "choice", "grammar"):
+            value = getattr(self, f"guided_{kind}")
+            if value is not None:
+                found.append((f"guided_{kind}", {kind: value}))
+        return found
+
+    def _structured_outputs(self, extra: list[tuple[str, dict]] = ()) -> StructuredOutputsParams | None:
+        found = self._constraints() + list(extra)
+        if len(found) > 1:
+            raise InvalidRequestError(
+                f"only one constraint on the output is allowed per request; got {', '.join(name for name, _ in found)}",
+                param=found[1][0],
+            )
+        if not found:
+            return None
+        name, fields = found[0]
+        return Serving.structured_outputs(name, **fields)
+
+    def _constraint_field(self) -> str | None:
+        found = self._constraints()
+        return found[0][0] if found else None
+
+    @property
+    def param_names(self) -> dict[str, str]:
+        """For `Serving.generate`: a constraint that does not compile is named as the client sent it."""
+        return constraint_names(self._constraint_field())
 
     def _check_common(self) -> None:
         if self.stream_options is not None and not self.stream:
             raise InvalidRequestError("stream_options is only allowed when stream is true", param="stream_options")
         reject_unsupported({"logit_bias": (self.logit_bias, (None, {}))})
 
-    def _sampling_params(self, serving: Serving, max_tokens: int | None, logprobs: int | None, names: dict) -> SamplingParams:
+    def _sampling_params(
+        self, serving: Serving, max_tokens: int | None, logprobs: int | None, names: dict,
+        structured_outputs: StructuredOutputsParams | None,
+    ) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return Serving.sampling_params(  # static: `serving` may be None in pure translation
             names,
@@ -79,6 +158,7 @@ class _SamplingRequest(_Strict):
             include_stop_str_in_output=self.include_stop_str_in_output,
             logprobs=logprobs,
             skip_special_tokens=self.skip_special_tokens,
+            structured_outputs=structured_outputs,
         )
 
     @property
@@ -109,7 +189,7 @@ class CompletionRequest(_SamplingRequest):
                 "echo together with logprobs would need the prompt's logprobs, which this server does not compute; "
                 "drop one of them", param="echo",
             )
-        return self._sampling_params(serving, self.max_tokens, self.logprobs, {})
+        return self._sampling_params(serving, self.max_tokens, self.logprobs, {}, self._structured_outputs())
 
     def fim_request(self, serving: Serving, session_key: str | None = None) -> FimRequest:
         """The fill-in-the-middle request of a completion with `suffix`; `session_key` (a header) wins over `user`."""
@@ -123,6 +203,9 @@ class CompletionRequest(_SamplingRequest):
             "echo": (self.echo, (False,)),  # OpenAI: echo cannot be combined with suffix
             "logprobs": (self.logprobs, (None,)),  # editor completions carry no logprobs
         })
+        found = self._constraints()
+        if found:  # the editor trims its completions (at lines, at the suffix), which would break a structure
+            raise InvalidRequestError(f"{found[0][0]} cannot be combined with suffix", param=found[0][0])
         return FimRequest(
             prefix=self.prompt,
             suffix=self.suffix,
@@ -194,23 +277,46 @@ class TextPart(_Strict):
     text: str
 
 
+class ToolCallFunction(_Strict):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCall(_Strict):
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class ChatMessage(_Strict):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
-    tool_calls: list | None = None  # only empty: replayed histories carry it
+    tool_calls: list[ToolCall] | None = None  # an earlier answer's calls, replayed
+    tool_call_id: str | None = None  # a `tool` message: the call it answers
 
     def as_template_message(self) -> dict:
-        reject_unsupported({"messages.tool_calls": (self.tool_calls or None, (None,))})
         content = self.content
         if isinstance(content, list):
             content = "".join(part.text for part in content)
         role = "system" if self.role == "developer" else self.role  # `developer` is the newer name for `system`
-        return {"role": role, "content": content or ""}
+        message = {"role": role, "content": content or ""}
+        if self.tool_calls:
+            # Hugging Face templates read the arguments as a mapping, as vLLM passes them
+            message["tool_calls"] = [
+                {"id": c.id, "type": "function", "function": {"name": c.function.name, "arguments": _arguments(c)}}
+                for c in self.tool_calls
+            ]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        return message
 
 
-class ResponseFormat(_Strict):
-    type: str
+def _arguments(call: ToolCall) -> dict | str:
+    try:
+        return json.loads(call.function.arguments)
+    except ValueError:
+        return call.function.arguments
 
 
 class ChatCompletionRequest(_SamplingRequest):
@@ -219,10 +325,9 @@ class ChatCompletionRequest(_SamplingRequest):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
-    response_format: ResponseFormat | None = None  # only {"type": "text"}
-    tools: list | None = None  # only empty
-    tool_choice: str | dict | None = None  # only "none" / "auto" without tools
-    parallel_tool_calls: bool | None = None
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = None  # with tools: "required", a named function or "none" ("auto" is a 400)
+    parallel_tool_calls: bool | None = None  # false: "required" makes exactly one call
     store: bool | None = None  # stored completions are an OpenAI platform feature; no effect here
     metadata: dict | None = None
     service_tier: str | None = None
@@ -239,18 +344,27 @@ class ChatCompletionRequest(_SamplingRequest):
     def template_messages(self) -> list[dict]:
         return [m.as_template_message() for m in self.messages]
 
+    def template_variables(self) -> dict:
+        return template_tools(self.tools)
+
+    @property
+    def tool_function(self) -> str | None | bool:
+        """False: a plain answer; else the output is tool calls, all to this function (None: any of tools)."""
+        schema, name = tool_schema(self.tools or [], self.tool_choice, self.parallel_tool_calls)
+        return False if schema is None else name
+
+    def _constraint_field(self) -> str | None:
+        return super()._constraint_field() or ("tools" if self.tool_function is not False else None)
+
     def sampling_params(self, serving: Serving) -> SamplingParams:
         self._check_common()
-        reject_unsupported({
-            "response_format": (self.response_format and self.response_format.type, (None, "text")),
-            "tools": (self.tools or None, (None,)),
-            "tool_choice": (self.tool_choice, (None, "none", "auto")),
-        })
+        schema, _ = tool_schema(self.tools or [], self.tool_choice, self.parallel_tool_calls)
+        tools = [("tools", {"json": schema})] if schema is not None else []
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidRequestError("top_logprobs requires logprobs to be true", param="top_logprobs")
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         names = {"logprobs": "top_logprobs", "max_tokens": self.max_tokens_param}
-        return self._sampling_params(serving, self.requested_max_tokens, logprobs, names)
+        return self._sampling_params(serving, self.requested_max_tokens, logprobs, names, self._structured_outputs(tools))
 
 
 def chat_logprobs(output: CompletionOutput, start: int) -> dict | None:

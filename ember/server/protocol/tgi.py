@@ -2,15 +2,19 @@
 
 Field names, defaults and the error shape (`{"error", "error_type"}`, validation errors as 422) follow
 TGI's docs/openapi.json. Parameters TGI has but Ember does not implement are accepted only at their
-neutral value (`typical_p`, `watermark`, `decoder_input_details`, `grammar`, `adapter_id`, `best_of`).
+neutral value (`typical_p`, `watermark`, `decoder_input_details`, `adapter_id`, `best_of`). `grammar` is
+TGI's `{"type", "value"}`: "json" (alias "json_object"; a schema, or its text), "json_schema" (`{"name",
+"schema"}`) or "regex".
 """
 from __future__ import annotations
+
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
 from ember.outputs import CompletionOutput, RequestOutput
-from ember.sampling_params import SamplingParams
-from ember.server.serving import InvalidRequestError, Serving, ServingError, reject_unsupported
+from ember.sampling_params import SamplingParams, StructuredOutputsParams
+from ember.server.serving import InvalidRequestError, Serving, ServingError, constraint_names, reject_unsupported
 
 FINISH_REASONS = {"length": "length", "abort": "length"}  # "stop" splits into eos_token / stop_sequence
 
@@ -19,13 +23,29 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class Grammar(_Strict):
+    type: Literal["json", "json_object", "json_schema", "regex"]
+    value: Any
+
+    def structured_outputs(self) -> StructuredOutputsParams:
+        if self.type == "regex":
+            if not isinstance(self.value, str):
+                raise InvalidRequestError("grammar of type regex needs a string value", param="grammar")
+            return Serving.structured_outputs("grammar", regex=self.value)
+        if self.type == "json_schema":  # TGI's JsonSchemaConfig: an optional name and the schema
+            if not isinstance(self.value, dict) or "schema" not in self.value:
+                raise InvalidRequestError('grammar of type json_schema needs a value {"name", "schema"}', param="grammar")
+            return Serving.structured_outputs("grammar", json=self.value["schema"])
+        return Serving.structured_outputs("grammar", json=self.value)
+
+
 class GenerateParameters(_Strict):
     best_of: int | None = None
     decoder_input_details: bool = False
     details: bool = False
     do_sample: bool = False
     frequency_penalty: float | None = None
-    grammar: dict | None = None
+    grammar: Grammar | None = None
     max_new_tokens: int | None = 100  # TGI's default
     repetition_penalty: float | None = None
     return_full_text: bool | None = None
@@ -52,7 +72,6 @@ class GenerateRequest(_Strict):
             raise InvalidRequestError("best_of > 1 is not supported: use n on /v1/completions instead", param="best_of")
         reject_unsupported({
             "decoder_input_details": (p.decoder_input_details, (False,)),
-            "grammar": (p.grammar, (None,)),
             "typical_p": (p.typical_p, (None, 1.0)),
             "watermark": (p.watermark, (False,)),
             "adapter_id": (p.adapter_id, (None, "")),
@@ -77,7 +96,12 @@ class GenerateRequest(_Strict):
             seed=p.seed,
             stop=p.stop,
             logprobs=logprobs,
+            structured_outputs=p.grammar.structured_outputs() if p.grammar else None,
         )
+
+    @property
+    def param_names(self) -> dict[str, str]:
+        return constraint_names("grammar")
 
     def prompt_token_ids(self, serving: Serving) -> list[int]:
         token_ids = serving.encode(self.inputs)

@@ -67,13 +67,13 @@ async def infill(request: llamacpp.InfillRequest, raw_request: Request):
     completion = await _editor(raw_request).complete(fim)
     if not request.stream:
         await _collect(completion)
-        return _answer(raw_request, llamacpp.infill_response(completion, request, fim, serving.model_name))
+        return _answer(raw_request, llamacpp.completion_response(completion, request, fim.params, serving.model_name))
 
     async def events() -> AsyncIterator[dict]:
         try:
             async for delta in completion:
-                yield llamacpp.infill_chunk(completion, delta)
-            yield llamacpp.infill_response(completion, request, fim, serving.model_name)
+                yield llamacpp.completion_chunk(completion, delta)
+            yield llamacpp.completion_response(completion, request, fim.params, serving.model_name)
         finally:
             await completion.aclose()
 

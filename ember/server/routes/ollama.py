@@ -56,7 +56,7 @@ async def generate(request: GenerateRequest, raw_request: Request):
         serving.check_token_ids(request.context, "context")
         token_ids = list(request.context) + token_ids
     serving.check_context(len(token_ids), request.explicit_max_tokens, "options.num_predict")
-    stream = await serving.generate(token_ids, params, prompt)
+    stream = await serving.generate(token_ids, params, prompt, param_names=request.param_names)
 
     def final(output, text: str) -> dict:
         body = {"model": request.model, "created_at": now(), "response": text}
@@ -81,7 +81,7 @@ async def chat(request: ChatRequest, raw_request: Request):
         }
     prompt, token_ids = serving.chat_prompt([m.as_template_message() for m in request.messages])
     serving.check_context(len(token_ids), request.explicit_max_tokens, "options.num_predict", "messages")
-    stream = await serving.generate(token_ids, params, prompt)
+    stream = await serving.generate(token_ids, params, prompt, param_names=request.param_names)
 
     def final(output, text: str) -> dict:
         body = {"model": request.model, "created_at": now(), "message": {"role": "assistant", "content": text}}

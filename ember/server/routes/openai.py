@@ -10,6 +10,7 @@ from fastapi import APIRouter, Body, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
+from ember.server.protocol.openai_tools import ToolCallReader
 from ember.server.protocol.openai import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -63,7 +64,7 @@ async def create_completion(body: Annotated[dict, Body()], raw_request: Request)
     streams = []
     try:
         for text, token_ids in prompts:
-            streams.append(await serving.generate(token_ids, params, text, request.priority))
+            streams.append(await serving.generate(token_ids, params, text, request.priority, request.param_names))
     except BaseException:
         for stream in streams:
             await stream.aclose()
@@ -151,9 +152,9 @@ async def create_chat_completion(request: ChatCompletionRequest, raw_request: Re
     serving = _serving(raw_request)
     serving.check_model(request.model)
     params = request.sampling_params(serving)
-    prompt, token_ids = serving.chat_prompt(request.template_messages(), request.add_generation_prompt)
+    prompt, token_ids = serving.chat_prompt(request.template_messages(), request.add_generation_prompt, **request.template_variables())
     serving.check_context(len(token_ids), request.requested_max_tokens, request.max_tokens_param, "messages")
-    stream = await serving.generate(token_ids, params, prompt, request.priority)
+    stream = await serving.generate(token_ids, params, prompt, request.priority, request.param_names)
     response_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     if request.stream:
@@ -163,11 +164,12 @@ async def create_chat_completion(request: ChatCompletionRequest, raw_request: Re
     final = None
     async for final in stream:
         pass
+    tool_function = request.tool_function
     choices = [{
         "index": c.index,
-        "message": {"role": "assistant", "content": c.text},
+        "message": _message(c.text, tool_function),
         "logprobs": chat_logprobs(c, 0),
-        "finish_reason": c.finish_reason,
+        "finish_reason": _finish_reason(c.finish_reason, tool_function),
         "stop_reason": c.stop_reason,
     } for c in final.outputs]
     return {
@@ -179,6 +181,23 @@ async def create_chat_completion(request: ChatCompletionRequest, raw_request: Re
         "usage": usage(len(final.prompt_token_ids), sum(len(c.token_ids) for c in final.outputs), final.num_cached_tokens),
         "system_fingerprint": None,
     }
+
+
+def _message(text: str, tool_function: str | None | bool) -> dict:
+    """The assistant message: the text, or the tool calls read off it (the text itself if none could be read,
+    as when cut off before the first call's name)."""
+    if tool_function is False:
+        return {"role": "assistant", "content": text}
+    reader = ToolCallReader(tool_function)
+    reader.feed(text)
+    if not reader.calls:
+        return {"role": "assistant", "content": text}
+    return {"role": "assistant", "content": None, "tool_calls": reader.calls}
+
+
+def _finish_reason(reason: str | None, tool_function: str | None | bool) -> str | None:
+    """"tool_calls" for calls that ran to their end; a cut-off one keeps "length"."""
+    return "tool_calls" if tool_function is not False and reason == "stop" else reason
 
 
 async def _chat_chunks(serving: Serving, request: ChatCompletionRequest, num_prompt_tokens: int, stream, response_id, created) -> AsyncIterator[dict]:
@@ -196,20 +215,28 @@ async def _chat_chunks(serving: Serving, request: ChatCompletionRequest, num_pro
             body["usage"] = None
         return body
 
+    tool_function = request.tool_function
     for index in range(request.n):  # the role comes first, before any token, as OpenAI sends it
-        yield chunk(index, {"role": "assistant", "content": ""})
+        yield chunk(index, {"role": "assistant", "content": "" if tool_function is False else None})
     num_sent_tokens: dict[int, int] = {}
     finished: set[int] = set()
+    readers = {} if tool_function is False else {i: ToolCallReader(tool_function) for i in range(request.n)}
     async for output in stream:
         for c in output.outputs:
             if c.index in finished:
                 continue
             start = num_sent_tokens.get(c.index, 0)
-            if c.text_delta:
+            if c.index in readers:
+                entries = readers[c.index].feed(c.text_delta)
+                if entries:
+                    yield chunk(c.index, {"tool_calls": entries}, chat_logprobs(c, start))
+                    num_sent_tokens[c.index] = start = len(c.token_ids)
+            elif c.text_delta:
                 yield chunk(c.index, {"content": c.text_delta}, chat_logprobs(c, start))
                 num_sent_tokens[c.index] = start = len(c.token_ids)
             if c.finished:
-                yield chunk(c.index, {}, chat_logprobs(c, start) if start < len(c.token_ids) else None, c.finish_reason, c.stop_reason)
+                reason = _finish_reason(c.finish_reason, tool_function)
+                yield chunk(c.index, {}, chat_logprobs(c, start) if start < len(c.token_ids) else None, reason, c.stop_reason)
                 num_sent_tokens[c.index] = len(c.token_ids)
                 finished.add(c.index)
     if include_usage:

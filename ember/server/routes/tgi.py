@@ -43,7 +43,7 @@ async def _start(serving: Serving, request: GenerateRequest):
     token_ids = request.prompt_token_ids(serving)
     explicit_max = request.parameters.max_new_tokens if "max_new_tokens" in request.parameters.model_fields_set else None
     serving.check_context(len(token_ids), explicit_max, "max_new_tokens", "inputs")
-    return token_ids, await serving.generate(token_ids, params, request.inputs)
+    return token_ids, await serving.generate(token_ids, params, request.inputs, param_names=request.param_names)
 
 
 async def _generate(serving: Serving, request: GenerateRequest) -> dict:
