@@ -50,10 +50,29 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class SpeculativeConfig:
+    # none | ngram (prompt lookup: continue a match of the last tokens earlier in the sequence)
+    speculative: str = "none"
+    num_speculative_tokens: int = 4  # proposed per step and request
+    prompt_lookup_min: int = 2  # ngram: shortest suffix of the sequence to look up
+    prompt_lookup_max: int = 4  # ngram: longest (tried first)
+
+    def __post_init__(self) -> None:
+        if self.speculative not in ("none", "ngram"):
+            raise ValueError(f"speculative must be none or ngram, got {self.speculative!r}")
+        if self.num_speculative_tokens < 1:
+            raise ValueError(f"num_speculative_tokens must be positive, got {self.num_speculative_tokens}")
+        if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
+            raise ValueError("need 1 <= prompt_lookup_min <= prompt_lookup_max, got "
+                             f"{self.prompt_lookup_min} and {self.prompt_lookup_max}")
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    speculation: SpeculativeConfig = field(default_factory=SpeculativeConfig)
     num_threads: int | None = None  # torch intra-op threads; None: torch's default
     # A request's results do not depend on what else is in the batch (vLLM's batch-invariant mode):
     # every matmul runs at a fixed row count and attention per sequence. About 3x slower decode on a CPU.
@@ -63,7 +82,8 @@ class EngineConfig:
     def from_flat(**kwargs) -> "EngineConfig":
         """Builds the nested config from flat field names (as the CLI and LLM(**kwargs) give them)."""
         parts = {}
-        for name, cls in (("model", ModelConfig), ("cache", CacheConfig), ("scheduler", SchedulerConfig)):
+        for name, cls in (("model", ModelConfig), ("cache", CacheConfig), ("scheduler", SchedulerConfig),
+                          ("speculation", SpeculativeConfig)):
             names = {f.name for f in fields(cls)}
             parts[name] = cls(**{k: kwargs.pop(k) for k in list(kwargs) if k in names})
         top = {f.name for f in fields(EngineConfig)} - set(parts)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from ember.config import EngineConfig
 from ember.engine.kv_cache_manager import KVCacheManager
+from ember.engine.ngram_proposer import propose_ngram
 from ember.engine.request import Request, RequestStatus
 from ember.engine.scheduler import Scheduler
 from ember.engine.structured_output import GrammarMatcher, StructuredOutputManager
@@ -70,6 +71,8 @@ class LLMEngine:
         del checkpoint
         self.kv_cache = KVCacheManager(self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv_cache)
+        self.speculation = config.speculation
+        self.spec_stats = SpecDecodeStats(config.speculation.num_speculative_tokens)
         self.structured_output = StructuredOutputManager(self.tokenizer, self.runner.model.vocab_size, config.num_threads or 2)
         self._parents: dict[str, ParentRequest] = {}
         self._sequences: dict[str, _Sequence] = {}  # by the child request id
@@ -169,6 +172,8 @@ class LLMEngine:
     # ---- the step ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Schedules and runs one batch; returns an output for each request that produced text or finished."""
+        if self.speculation.speculative != "none":
+            self._propose()
         scheduler_output = self.scheduler.schedule()
         token_bitmasks = {}
         for scheduled in scheduler_output.requests:
@@ -176,12 +181,20 @@ class LLMEngine:
             if scheduled.do_sample and sequence is not None and sequence.grammar is not None:
                 token_bitmasks[scheduled.request_id] = sequence.grammar.fill_bitmask()
         sampled = self.runner.execute(scheduler_output, token_bitmasks)
-        self.scheduler.update_from_output(scheduler_output)
+        num_rejected = {}
+        for scheduled in scheduler_output.requests:
+            if scheduled.num_spec_tokens and scheduled.request_id in sampled:
+                num_accepted = len(sampled[scheduled.request_id]) - 1
+                num_rejected[scheduled.request_id] = scheduled.num_spec_tokens - num_accepted
+                self.spec_stats.record(scheduled.num_spec_tokens, num_accepted)
+        self.scheduler.update_from_output(scheduler_output, num_rejected)
         changed: dict[str, ParentRequest] = {}
         now = time.monotonic()
-        for child_id, token in sampled.items():
+        for child_id, tokens in sampled.items():
             sequence = self._sequences[child_id]
-            self._append_token(sequence, token)
+            for token in tokens:  # a stop among accepted proposals drops the tokens after it
+                if sequence.finish_reason is None:
+                    self._append_token(sequence, token)
             parent = self._parents[sequence.parent_id]
             parent.first_token_time = parent.first_token_time or now
             changed[parent.request_id] = parent
@@ -192,6 +205,21 @@ class LLMEngine:
                 for sequence in parent.sequences:
                     self._sequences.pop(sequence.request.request_id, None)
         return outputs
+
+    def _propose(self) -> None:
+        """Proposes the next tokens of each running request in decode that may speculate."""
+        config = self.speculation
+        for request in self.scheduler.running:
+            sequence = self._sequences.get(request.request_id)
+            if sequence is None or request.num_computed_tokens != request.num_tokens - 1 or not _may_speculate(sequence):
+                continue
+            # Leave room for the token sampled after the proposals.
+            room = min(request.max_tokens - request.num_output_tokens, self.max_model_len - request.num_tokens) - 1
+            num = min(config.num_speculative_tokens, room)
+            if num > 0:
+                request.spec_token_ids = propose_ngram(
+                    request.all_token_ids, config.prompt_lookup_min, config.prompt_lookup_max, num
+                )
 
     def _append_token(self, sequence: _Sequence, token) -> None:
         request, params = sequence.request, sequence.request.params
@@ -264,6 +292,38 @@ class LLMEngine:
                 "first_token_time": parent.first_token_time,
             },
         )
+
+
+def _may_speculate(sequence: _Sequence) -> bool:
+    """Verification samples every proposed position from the plain distribution: requests whose sampling
+    depends on the tokens before it in other ways (penalties, min_tokens, grammars) or that want logprobs
+    decode one token at a time."""
+    params = sequence.request.params
+    return not (
+        params.has_penalties or params.logprobs is not None or sequence.grammar is not None
+        or sequence.request.num_output_tokens < params.min_tokens
+    )
+
+
+@dataclass
+class SpecDecodeStats:
+    """Counters of speculative decoding, for /metrics: proposals, accepted ones, acceptance by position."""
+
+    num_speculative_tokens: int
+    num_drafts: int = 0  # verification steps of one request
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    accepted_per_position: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.accepted_per_position = [0] * self.num_speculative_tokens
+
+    def record(self, num_proposed: int, num_accepted: int) -> None:
+        self.num_drafts += 1
+        self.num_draft_tokens += num_proposed
+        self.num_accepted_tokens += num_accepted
+        for position in range(num_accepted):
+            self.accepted_per_position[position] += 1
 
 
 def _find_stop(text: str, stops: list[str], previous_len: int) -> tuple[int, str] | None:

@@ -109,8 +109,22 @@ class KVCacheManager:
         for _ in range(max(0, num_needed)):
             held.append(self._pop_free_block())
         if self.enable_prefix_caching:
-            self._cache_full_blocks(request, held, (num_computed + num_new_tokens) // self.block_size)
+            # Only blocks of the request's own tokens: proposed (speculative) ones may yet be rejected.
+            num_full = min(num_computed + num_new_tokens, request.num_tokens) // self.block_size
+            self._cache_full_blocks(request, held, num_full)
         return True
+
+    def trim(self, request: Request, num_tokens: int) -> None:
+        """Releases the request's blocks past its first `num_tokens` tokens (rejected proposals' blocks)."""
+        held = self.req_block_ids.get(request.request_id, [])
+        while len(held) > self.num_blocks_for(num_tokens):
+            block_id = held.pop()
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self.free_queue[block_id] = None
+                if block.block_hash is None:
+                    self.free_queue.move_to_end(block_id, last=False)
 
     def _touch(self, block_id: int) -> None:
         block = self.blocks[block_id]

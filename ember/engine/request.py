@@ -46,6 +46,9 @@ class Request:
         self.num_preemptions = 0
         self.scheduled_time: float | None = None  # when first scheduled (queue time = this - arrival)
         self.stop_reason: str | int | None = None
+        # Proposed next tokens (speculative decoding), verified by the next step: scheduled after all_token_ids,
+        # never part of them until accepted.
+        self.spec_token_ids: list[int] = []
 
     @property
     def num_tokens(self) -> int:

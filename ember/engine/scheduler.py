@@ -3,7 +3,8 @@
 There is no prefill phase and decode phase. A request has `num_tokens` (prompt + output) and
 `num_computed_tokens`; a step schedules up to `num_tokens - num_computed_tokens` of them within the
 token budget. A long prompt is thereby chunked, a prefix-cache hit starts it further along, and a
-decode is the case of one token. When blocks run out, the newest running request is preempted
+decode is the case of one token, and speculative decoding the case of one token plus the proposed ones
+(`spec_token_ids`, counted after `num_tokens` until verified). When blocks run out, the newest running request is preempted
 (its blocks freed, recomputed later). No torch here.
 """
 from __future__ import annotations
@@ -142,7 +143,7 @@ class Scheduler:
 
     def _num_new_tokens(self, request: Request, budget: int, num_computed: int | None = None) -> int:
         num_computed = request.num_computed_tokens if num_computed is None else num_computed
-        num_new = request.num_tokens - num_computed
+        num_new = request.num_tokens + len(request.spec_token_ids) - num_computed
         if num_new > budget:
             # Without chunked prefill a prompt runs whole or waits for a step with room for it.
             num_new = budget if self.config.enable_chunked_prefill else 0
@@ -150,6 +151,7 @@ class Scheduler:
 
     def _preempt(self, request: Request) -> None:
         self.kv_cache.free(request)
+        request.spec_token_ids = []
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
         request.num_preemptions += 1
@@ -158,20 +160,31 @@ class Scheduler:
 
     def _scheduled(self, request: Request, num_new: int) -> ScheduledRequest:
         start = request.num_computed_tokens
+        end = start + num_new
+        # A budget that cuts into the proposals drops the rest of them.
+        num_spec = max(0, end - request.num_tokens)
+        request.spec_token_ids = request.spec_token_ids[:num_spec]
         return ScheduledRequest(
             request_id=request.request_id,
-            token_ids=request.all_token_ids[start : start + num_new],
+            token_ids=request.all_token_ids[start:end] + request.spec_token_ids,
             start_position=start,
             block_ids=list(self.kv_cache.block_ids(request.request_id)),
-            do_sample=start + num_new == request.num_tokens,
+            do_sample=end >= request.num_tokens,
             params=request.params,
             prompt_token_ids=request.prompt_token_ids,
             output_token_ids=request.output_token_ids,
+            num_spec_tokens=num_spec,
         )
 
-    def update_from_output(self, output: SchedulerOutput) -> None:
-        """Marks the scheduled tokens computed (call after the runner ran the step)."""
+    def update_from_output(self, output: SchedulerOutput, num_rejected: dict[str, int] | None = None) -> None:
+        """Marks the scheduled tokens computed (call after the runner ran the step, before appending its
+        tokens). `num_rejected`: per request, the proposed tokens the model did not accept; their K/V is
+        dropped and the blocks that only they used are released."""
         for scheduled in output.requests:
             request = self.requests.get(scheduled.request_id)
             if request is not None:
-                request.num_computed_tokens += scheduled.num_tokens
+                rejected = (num_rejected or {}).get(scheduled.request_id, 0)
+                request.num_computed_tokens += scheduled.num_tokens - rejected
+                request.spec_token_ids = []
+                if rejected:  # keep a block for the token sampled after the last accepted one
+                    self.kv_cache.trim(request, request.num_computed_tokens + 1)

@@ -9,7 +9,8 @@ from ember.sampling_params import SamplingParams
 @dataclass
 class ScheduledRequest:
     request_id: str
-    # The tokens whose K/V this step computes: all_token_ids[start_position : start_position + len].
+    # The tokens whose K/V this step computes: all_token_ids[start_position : start_position + len], then
+    # the last num_spec_tokens are proposed tokens (speculative decoding) to verify.
     token_ids: list[int]
     # Position of token_ids[0] in the sequence (= the request's num_computed_tokens before the step).
     start_position: int
@@ -22,6 +23,9 @@ class ScheduledRequest:
     # The request's prompt and output so far (shared lists, read-only) for penalties and min_tokens.
     prompt_token_ids: list[int]
     output_token_ids: list[int]
+    # Proposed tokens at the end of token_ids: the runner samples a token after each of the last
+    # num_spec_tokens + 1 positions and keeps the proposals the model agrees with.
+    num_spec_tokens: int = 0
 
     @property
     def num_tokens(self) -> int:

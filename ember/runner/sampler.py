@@ -106,6 +106,21 @@ def sample_random(
     requests: list["ScheduledRequest"],
     generators: list[torch.Generator | None],
 ) -> torch.Tensor:
+    return race(sampling_probs(logits, requests), generators)
+
+
+def race(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:  # [num_reqs] int64
+    """One draw per row of `probs` ([num_reqs, vocab_size], rows need not sum to 1): argmax of p / q, q ~ Exp(1)."""
+    q = torch.empty_like(probs)
+    for i, generator in enumerate(generators):
+        q[i].exponential_(generator=generator)
+    return (probs / q).argmax(dim=-1)
+
+
+def sampling_probs(
+    logits: torch.Tensor,  # [num_reqs, vocab_size]
+    requests: list["ScheduledRequest"],
+) -> torch.Tensor:  # [num_reqs, vocab_size]: temperature, top-k, top-p and min-p applied (unnormalized after the cuts)
     temperatures = torch.tensor([r.params.temperature for r in requests], dtype=logits.dtype)
     logits = logits / temperatures.unsqueeze(1)
     top_ks = [r.params.top_k for r in requests]
@@ -126,7 +141,4 @@ def sample_random(
     if (min_ps > 0).any():
         threshold = min_ps.unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
         probs = probs.masked_fill(probs < threshold, 0.0)
-    q = torch.empty_like(probs)
-    for i, generator in enumerate(generators):
-        q[i].exponential_(generator=generator)
-    return (probs / q).argmax(dim=-1)
+    return probs

@@ -134,3 +134,14 @@ class _EngineCollector:
         yield counter("ember:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", llm.kv_cache.num_prefix_queries)
         yield counter("ember:prefix_cache_hits", "Prompt tokens found in the prefix cache.", llm.kv_cache.num_prefix_hits)
         yield counter("ember:num_preemptions", "Requests preempted to free KV-cache blocks.", llm.scheduler.num_preemptions)
+        if llm.speculation.speculative != "none":  # vLLM's spec_decode metric names, under ember:
+            stats = llm.spec_stats
+            yield counter("ember:spec_decode_num_drafts", "Verification steps of a request with proposed tokens.", stats.num_drafts)
+            yield counter("ember:spec_decode_num_draft_tokens", "Proposed tokens.", stats.num_draft_tokens)
+            yield counter("ember:spec_decode_num_accepted_tokens", "Proposed tokens accepted.", stats.num_accepted_tokens)
+            per_position = CounterMetricFamily("ember:spec_decode_num_accepted_tokens_per_pos",
+                                               "Accepted proposals by position (0 = first proposed).",
+                                               labels=["model_name", "position"])
+            for position, count in enumerate(stats.accepted_per_position):
+                per_position.add_metric([self.model_name, str(position)], count)
+            yield per_position
