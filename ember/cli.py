@@ -10,10 +10,11 @@ import typing
 import urllib.error
 import urllib.request
 
-from ember.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, ServerConfig
+from ember.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, ServerConfig, SpeculativeConfig
 from ember.sampling_params import SamplingParams
 
-ENGINE_SECTIONS = (ModelConfig, CacheConfig, SchedulerConfig)
+ENGINE_SECTIONS = (ModelConfig, CacheConfig, SchedulerConfig, SpeculativeConfig)
+SECTION_FIELDS = ("cache", "scheduler", "speculation")  # EngineConfig's nested sections, not flags
 
 
 # llama.cpp's spellings for the same settings, for users coming from it
@@ -28,7 +29,7 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
         hints.update(typing.get_type_hints(cls))
     for cls in ENGINE_SECTIONS + (EngineConfig,):
         for f in dataclasses.fields(cls):
-            if f.name == "model" or f.name in ("cache", "scheduler"):
+            if f.name == "model" or (cls is EngineConfig and f.name in SECTION_FIELDS):
                 continue
             flags = ["--" + f.name.replace("_", "-"), *FLAG_ALIASES.get(f.name, ())]
             default = f.default if f.default is not dataclasses.MISSING else None
@@ -42,7 +43,7 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     names = {f.name for cls in ENGINE_SECTIONS + (EngineConfig,) for f in dataclasses.fields(cls)}
-    options = {k: v for k, v in vars(args).items() if k in names and k not in ("cache", "scheduler")}
+    options = {k: v for k, v in vars(args).items() if k in names and k not in SECTION_FIELDS}
     return EngineConfig.from_flat(**options)
 
 
@@ -103,10 +104,12 @@ def run_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from ember.engine.async_engine import AsyncEngine
     from ember.engine.engine import LLMEngine
+    from ember.runner.memory import release_freed_memory
     from ember.server.app import run_server
 
     server_config = server_config_from_args(args)
     engine = LLMEngine(engine_config_from_args(args))
+    release_freed_memory()  # what loading freed, while the server's memory is still at its smallest
     run_server(AsyncEngine(engine, server_config.max_queued_requests), server_config)
     return 0
 

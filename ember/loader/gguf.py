@@ -4,14 +4,14 @@ from __future__ import annotations
 import os
 import re
 
-import numpy as np
 import torch
-from gguf import GGUFReader
 from gguf.gguf_reader import ReaderTensor
 from gguf.quants import dequantize
 from tqdm import tqdm
 
 from ember.loader.gguf_config import gguf_to_hf_config
+from ember.loader import gguf_dequant
+from ember.loader.gguf_reader import ArrayGGUFReader
 
 _GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 _LAYER_NAMES = {
@@ -34,7 +34,7 @@ _ROPE_FREQS = "rope_freqs.weight"
 
 def read_gguf_metadata(path: str) -> dict:
     """Every metadata field of a GGUF file (str, int, float, bool or lists of them), tensors left unread."""
-    return _metadata(GGUFReader(path))
+    return _metadata(ArrayGGUFReader(path))
 
 
 def load_gguf(path: str, dtype: torch.dtype, progress: bool) -> tuple[dict, dict[str, torch.Tensor], dict]:
@@ -42,7 +42,7 @@ def load_gguf(path: str, dtype: torch.dtype, progress: bool) -> tuple[dict, dict
 
     Raises ValueError for an unsupported architecture or a tensor with no HF counterpart.
     """
-    reader = GGUFReader(path)
+    reader = ArrayGGUFReader(path)
     metadata = _metadata(reader)
     by_name = {tensor.name: tensor for tensor in reader.tensors}
     rope_freqs = by_name.pop(_ROPE_FREQS, None)
@@ -84,17 +84,16 @@ def _load_tensor(tensor: ReaderTensor, permuted_num_heads: int | None, dtype: to
     data = tensor.data  # [rows, bytes per row] for quantized types, [rows, cols] (or [cols]) otherwise
     if permuted_num_heads:
         data = _unpermute_rows(data, permuted_num_heads)
-    weights = dequantize(data, tensor.tensor_type)  # [out_features, in_features]: GGUF lists dims reversed
-    # F32 tensors are still views of the read-only memory map: copy those, so every tensor owns its memory.
-    return torch.from_numpy(np.require(weights, np.float32, ["C", "W"])).to(dtype)
+    weights = gguf_dequant.dequantize(data, tensor.tensor_type)  # [out_features, in_features]: GGUF lists dims reversed
+    return weights.to(dtype)
 
 
-def _unpermute_rows(data: np.ndarray, num_heads: int) -> np.ndarray:
+def _unpermute_rows(data, num_heads: int):  # numpy array in, numpy array out
     # llama.cpp interleaves each head's two rotary halves row by row ([x0 y0 x1 y1 ...]) for its RoPE
     # kernel; HF's rotate_half wants them apart ([x0 x1 ... y0 y1 ...]).
     head_dim = data.shape[0] // num_heads
     return data.reshape(num_heads, head_dim // 2, 2, *data.shape[1:]).swapaxes(1, 2).reshape(data.shape)
 
 
-def _metadata(reader: GGUFReader) -> dict:
+def _metadata(reader: ArrayGGUFReader) -> dict:
     return {name: field.contents() for name, field in reader.fields.items()}

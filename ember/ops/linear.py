@@ -42,9 +42,10 @@ class Int4Weight:
     def __init__(self, weight: torch.Tensor):  # [out_features, in_features]
         out_features, in_features = weight.shape
         groups = weight.float().view(out_features, in_features // INT4_GROUP_SIZE, INT4_GROUP_SIZE)
-        w_min, w_max = groups.amin(-1), groups.amax(-1)  # [out, in // group]
+        w_min, w_max = groups.amin(-1), groups.amax(-1)  # [out, in // group]; torch.aminmax is ~4x slower here
         scale = ((w_max - w_min) / 15).clamp(min=1e-12)
-        q = ((groups - w_min[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.int32)
+        # One temporary, then in place: each fresh full-size tensor costs start-up time in page faults.
+        q = (groups - w_min[..., None]).div_(scale[..., None]).round_().clamp_(0, 15).to(torch.int32)
         self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.view(out_features, in_features), 2)
         scales_and_zeros = torch.stack([scale, w_min + 8 * scale], -1).transpose(0, 1)  # [in // group, out, 2]
         self.scales_and_zeros = scales_and_zeros.contiguous().to(torch.bfloat16)
@@ -59,8 +60,9 @@ class Int8Weight:
     that store their layers in 4 bits keep the output matrix at 8 or more)."""
 
     def __init__(self, weight: torch.Tensor):  # [out_features, in_features]
-        scale = (weight.float().abs().amax(1) / 127).clamp(min=1e-12)  # [out]
-        self.weight = (weight.float() / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
+        # max |w| without an abs() copy of the matrix (and amin + amax beat torch.aminmax ~3x on CPU)
+        scale = (torch.maximum(-weight.float().amin(1), weight.float().amax(1)) / 127).clamp(min=1e-12)  # [out]
+        self.weight = (weight.float() / scale[:, None]).round_().clamp_(-127, 127).to(torch.int8)
         self.scales = scale.to(torch.bfloat16)
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

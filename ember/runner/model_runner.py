@@ -8,7 +8,8 @@ import torch
 from ember.config import EngineConfig
 from ember.layers.attention import AttentionMetadata
 from ember.models.registry import get_model_class
-from ember.runner.memory import num_kv_blocks
+from ember.runner.memory import lazy_zeros, num_kv_blocks
+from ember.runner.rejection_sampler import verify_proposals
 from ember.runner.sampler import SampledToken, Sampler
 
 if TYPE_CHECKING:  # read by duck typing; the engine imports the runner, not the other way round
@@ -35,7 +36,7 @@ class ModelRunner:
         bytes_per_token = 2 * self.model.num_layers * self.model.num_kv_heads * self.model.head_dim * self.dtype.itemsize
         self.num_blocks = num_kv_blocks(config.cache, bytes_per_token)
         shape = self.model.kv_cache_shape(self.num_blocks, self.block_size)
-        self.kv_caches = [torch.zeros(shape, dtype=self.dtype) for _ in range(self.model.num_layers)]
+        self.kv_caches = [lazy_zeros(shape, self.dtype) for _ in range(self.model.num_layers)]
         self.sampler = Sampler(eos_token_ids)
         self.seed = config.model.seed
         self.generators: dict[str, torch.Generator] = {}  # per seeded request, alive until it finishes
@@ -47,8 +48,9 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(
         self, scheduler_output: "SchedulerOutput", token_bitmasks: dict[str, torch.Tensor] | None = None
-    ) -> dict[str, SampledToken]:
-        """Runs one step; returns the sampled token of each request whose step ended its known tokens.
+    ) -> dict[str, list[SampledToken]]:
+        """Runs one step; returns the new tokens of each request whose step ended its known tokens: one, or
+        with proposed tokens to verify, the accepted proposals and one more.
 
         `token_bitmasks`: request id → int32 [ceil(vocab / 32)] allowed-token bits, for constrained requests.
         """
@@ -73,15 +75,28 @@ class ModelRunner:
         hidden = self.model(
             torch.tensor(input_ids, dtype=torch.long), torch.tensor(positions, dtype=torch.long), self.kv_caches, metadata
         )  # [num_tokens, hidden_size]
-        sampled = [i for i, r in enumerate(requests) if r.do_sample]
-        if not sampled:
+        # Logits of each sampled request's last row, and of the rows after each proposed token.
+        plain, speculative, plain_rows, spec_rows = [], [], [], []
+        for i, r in enumerate(requests):
+            end = query_start_loc[i + 1]
+            if r.do_sample and r.num_spec_tokens == 0:
+                plain.append(r)
+                plain_rows.append(end - 1)
+            elif r.do_sample:
+                speculative.append(r)
+                spec_rows += range(end - 1 - r.num_spec_tokens, end)
+        if not plain_rows and not spec_rows:
             return {}
-        last_token_rows = torch.tensor([query_start_loc[i + 1] - 1 for i in sampled])
-        logits = self.model.compute_logits(hidden[last_token_rows])  # [num_sampled, vocab_size]
-        sampled_requests = [requests[i] for i in sampled]
-        bitmasks = [(token_bitmasks or {}).get(r.request_id) for r in sampled_requests]
-        tokens = self.sampler(logits, sampled_requests, [self._generator(r) for r in sampled_requests], bitmasks)
-        return {r.request_id: token for r, token in zip(sampled_requests, tokens)}
+        logits = self.model.compute_logits(hidden[torch.tensor(plain_rows + spec_rows)])  # [num_rows, vocab_size]
+        results = {}
+        if plain:
+            bitmasks = [(token_bitmasks or {}).get(r.request_id) for r in plain]
+            tokens = self.sampler(logits[: len(plain)], plain, [self._generator(r) for r in plain], bitmasks)
+            results = {r.request_id: [token] for r, token in zip(plain, tokens)}
+        if speculative:
+            token_ids = verify_proposals(logits[len(plain):], speculative, [self._generator(r) for r in speculative])
+            results |= {r.request_id: [SampledToken(t) for t in ids] for r, ids in zip(speculative, token_ids)}
+        return results
 
     def _generator(self, request) -> torch.Generator | None:
         if request.params.seed is None:
