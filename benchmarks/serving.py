@@ -240,7 +240,7 @@ def main() -> int:
         print("llama-cpp-python not found; skipping it", file=sys.stderr)
 
     rows: dict[tuple[int, str], dict] = {}
-    names = []
+    names, failures = [], []
     for peer in peers:  # one server at a time, so they never share the cores
         print(f"{peer.name}: starting", file=sys.stderr)
         peer.start()
@@ -252,13 +252,20 @@ def main() -> int:
                 names.append(name)
                 for c in args.concurrency:
                     num_requests = args.requests or max(4, 2 * c)
-                    rows[(c, name)] = asyncio.run(run_level(peer, c, num_requests, args.max_tokens, args.prompt_words, structured))
+                    try:
+                        rows[(c, name)] = asyncio.run(run_level(peer, c, num_requests, args.max_tokens, args.prompt_words, structured))
+                    except httpx.HTTPError as exc:  # a peer that fails a level is reported, not fatal
+                        failures.append(f"{name} c={c}: {type(exc).__name__}: {exc}")
+                        print(f"{failures[-1]}\n{peer.log_tail(1500)}", file=sys.stderr)
+                        continue
                     print(f"{name} c={c}: {rows[(c, name)]}", file=sys.stderr)
         finally:
             peer.stop()
     print(f"\nstreaming /v1/completions, {args.max_tokens} new tokens per request, ~{args.prompt_words + 4}-word prompts, "
           f"{args.threads} threads, {os.path.basename(gguf)}{', ember ' + args.ember_flags if args.ember_flags else ''}\n")
     print_table(rows, args.concurrency, names)
+    for failure in failures:
+        print("failed:", failure)
     if args.structured:
         print_structured(rows, args.concurrency, names)
         print_compile_times(gguf)
@@ -271,6 +278,8 @@ def print_structured(rows: dict[tuple[int, str], dict], concurrencies: list[int]
         if name.endswith(" json-schema"):
             plain = name.removesuffix(" json-schema")
             for c in concurrencies:
+                if (c, name) not in rows or (c, plain) not in rows:
+                    continue
                 s, p = rows[(c, name)], rows[(c, plain)]
                 print(f"  {plain:<18} c={c:<3} tok/s {s['tok/s']:7.2f} / {p['tok/s']:7.2f} = {s['tok/s'] / p['tok/s']:.2f}x;"
                       f"  itl p50 {s['itl p50'] * 1000:5.0f} / {p['itl p50'] * 1000:5.0f} ms")
