@@ -3,11 +3,13 @@
 Two workloads on the embedded model (default engine options, greedy, one request at a time):
   edit  code-editing prompts whose answer restates much of their input (rename, reformat, add a line)
   chat  free chat through the chat template
-For each: output tokens/s without speculation and with `--speculative ngram`, the ratio, and the acceptance
-rate (overall and by position). Median of --repeats, min-max shown. Not a test: run it with nothing else on
+For each: output tokens/s without speculation, with `--speculative ngram`, and with `--speculative draft`
+when --draft-model is given, the ratios, and the acceptance rates (overall and by position). Median of --repeats, min-max shown. Not a test: run it with nothing else on
 the machine.
 
     .venv/bin/python benchmarks/speculative.py [--repeats 3] [--max-tokens 128] [--threads 2] [--k 4]
+        [--draft-model PATH]   (a smaller model of the same vocabulary; "embedded" = the embedded model itself,
+                                which shows the mechanics' cost, not a real draft's acceptance)
 """
 from __future__ import annotations
 
@@ -73,14 +75,19 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
+    parser.add_argument("--draft-model", default=None)
     args = parser.parse_args()
 
     from ember import LLM
+    from ember.loader.hub import embedded_model_path
 
+    draft_model = embedded_model_path() if args.draft_model == "embedded" else args.draft_model
+    methods = ["none", "ngram"] + (["draft"] if draft_model else [])
     results = {}
-    for method in ("none", "ngram"):
+    for method in methods:
         log(f"loading the engine, speculative={method}")
-        llm = LLM(progress=False, num_threads=args.threads, speculative=method, num_speculative_tokens=args.k)
+        llm = LLM(progress=False, num_threads=args.threads, speculative=method, num_speculative_tokens=args.k,
+                  draft_model=draft_model if method == "draft" else None)
         tokenizer = llm.get_tokenizer()
         chat_prompts = [tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": m}]), add_special_tokens=False)
                         for m in CHAT_MESSAGES]
@@ -92,15 +99,17 @@ def main() -> int:
 
     print(f"\nsingle stream, greedy, {args.max_tokens} new tokens max, {args.threads} threads, k = {args.k}; "
           f"median of {args.repeats} (min-max)\n")
-    print(f"{'workload':<8} {'no speculation':>22} {'ngram':>22} {'ratio':>7} {'accepted':>9}  by position")
+    print(f"{'workload':<8} {'method':<7} {'tok/s':>22} {'ratio':>7} {'accepted':>9}  by position")
+    cell = lambda v: f"{statistics.median(v):7.1f} ({min(v):.1f}-{max(v):.1f})"  # noqa: E731
     for workload in ("edit", "chat"):
         base, _ = results[(workload, "none")]
-        spec, counts = results[(workload, "ngram")]
-        cell = lambda v: f"{statistics.median(v):7.1f} ({min(v):.1f}-{max(v):.1f})"  # noqa: E731
-        rate = counts["accepted"] / counts["proposed"] if counts["proposed"] else 0.0
-        positions = " ".join(f"{p:.2f}" for p in counts["per_position"])
-        print(f"{workload:<8} {cell(base):>22} {cell(spec):>22} {statistics.median(spec) / statistics.median(base):6.2f}x"
-              f" {rate:8.0%}  {positions}")
+        print(f"{workload:<8} {'none':<7} {cell(base):>22}")
+        for method in methods[1:]:
+            speeds, counts = results[(workload, method)]
+            rate = counts["accepted"] / counts["proposed"] if counts["proposed"] else 0.0
+            positions = " ".join(f"{p:.2f}" for p in counts["per_position"])
+            print(f"{'':<8} {method:<7} {cell(speeds):>22} {statistics.median(speeds) / statistics.median(base):6.2f}x"
+                  f" {rate:8.0%}  {positions}")
     print("\nby position: the fraction of verification steps that accepted the proposal at that position")
     return 0
 

@@ -52,14 +52,18 @@ class SchedulerConfig:
 @dataclass(frozen=True)
 class SpeculativeConfig:
     # none | ngram (prompt lookup: continue a match of the last tokens earlier in the sequence)
+    # | draft (a smaller model of the same vocabulary proposes: --draft-model)
     speculative: str = "none"
     num_speculative_tokens: int = 4  # proposed per step and request
     prompt_lookup_min: int = 2  # ngram: shortest suffix of the sequence to look up
     prompt_lookup_max: int = 4  # ngram: longest (tried first)
+    draft_model: str | None = None  # draft: GGUF file, HF folder or hub id
 
     def __post_init__(self) -> None:
-        if self.speculative not in ("none", "ngram"):
-            raise ValueError(f"speculative must be none or ngram, got {self.speculative!r}")
+        if self.speculative not in ("none", "ngram", "draft"):
+            raise ValueError(f"speculative must be none, ngram or draft, got {self.speculative!r}")
+        if (self.speculative == "draft") != (self.draft_model is not None):
+            raise ValueError("--speculative draft and --draft-model go together")
         if self.num_speculative_tokens < 1:
             raise ValueError(f"num_speculative_tokens must be positive, got {self.num_speculative_tokens}")
         if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:

@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass, field
 
 from ember.config import EngineConfig
+from ember.engine.draft_proposer import DraftProposer
 from ember.engine.kv_cache_manager import KVCacheManager
 from ember.engine.ngram_proposer import propose_ngram
 from ember.engine.request import Request, RequestStatus
@@ -72,6 +73,9 @@ class LLMEngine:
         self.kv_cache = KVCacheManager(self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv_cache)
         self.speculation = config.speculation
+        self.draft = None
+        if config.speculation.speculative == "draft":
+            self.draft = DraftProposer(config, self.runner.model.vocab_size, self.tokenizer.eos_token_ids, progress)
         self.spec_stats = SpecDecodeStats(config.speculation.num_speculative_tokens)
         self.structured_output = StructuredOutputManager(self.tokenizer, self.runner.model.vocab_size, config.num_threads or 2)
         self._parents: dict[str, ParentRequest] = {}
@@ -209,17 +213,23 @@ class LLMEngine:
     def _propose(self) -> None:
         """Proposes the next tokens of each running request in decode that may speculate."""
         config = self.speculation
+        requests, nums = [], []
         for request in self.scheduler.running:
             sequence = self._sequences.get(request.request_id)
             if sequence is None or request.num_computed_tokens != request.num_tokens - 1 or not _may_speculate(sequence):
                 continue
             # Leave room for the token sampled after the proposals.
             room = min(request.max_tokens - request.num_output_tokens, self.max_model_len - request.num_tokens) - 1
-            num = min(config.num_speculative_tokens, room)
-            if num > 0:
-                request.spec_token_ids = propose_ngram(
-                    request.all_token_ids, config.prompt_lookup_min, config.prompt_lookup_max, num
-                )
+            if min(config.num_speculative_tokens, room) > 0:
+                requests.append(request)
+                nums.append(min(config.num_speculative_tokens, room))
+        if self.draft is not None:
+            proposals = self.draft.propose(requests, nums)
+        else:
+            proposals = [propose_ngram(r.all_token_ids, config.prompt_lookup_min, config.prompt_lookup_max, n)
+                         for r, n in zip(requests, nums)]
+        for request, proposal in zip(requests, proposals):
+            request.spec_token_ids = proposal
 
     def _append_token(self, sequence: _Sequence, token) -> None:
         request, params = sequence.request, sequence.request.params

@@ -59,3 +59,14 @@ def test_sampled_requests_and_metrics(speculative):
     assert families["ember:spec_decode_num_accepted_tokens"].samples[0].value == stats.num_accepted_tokens
     per_position = [s.value for s in families["ember:spec_decode_num_accepted_tokens_per_pos"].samples]
     assert per_position == stats.accepted_per_position and per_position[0] >= per_position[-1]
+
+
+def test_draft_model_proposals(reference):
+    # The embedded model as its own draft: every greedy proposal matches, and outputs stay the same.
+    from ember.loader.hub import embedded_model_path
+
+    drafted = LLM(kv_cache_memory_gib=0.1, speculative="draft", draft_model=embedded_model_path(), **OPTIONS)
+    assert texts(drafted.generate(PROMPTS, GREEDY, use_tqdm=False)) == reference
+    stats = drafted.engine.spec_stats
+    assert stats.num_draft_tokens > 0 and stats.num_accepted_tokens == stats.num_draft_tokens
+    drafted.engine.draft.kv_cache.check_integrity()
