@@ -9,7 +9,9 @@ from ember.server.metrics import _EngineCollector
 
 # Code whose continuation restates its prompt: acceptance must be high.
 RESTATE = "PRIMES = [2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37]\n\n\ndef test_primes():\n    assert PRIMES == [2, 3, 5, 7,"
-PROMPTS = [RESTATE, "Once upon a time", "List three colors:", "The capital of France is"]
+PROMPTS = [RESTATE, "Once upon a time", "List three colors:", "The capital of France is",
+           "def fib(n):\n    if n < 2:\n        return n\n", "import os\nimport sys\n\n", "Q: What is 2 + 2?\nA:",
+           "<html>\n  <body>\n    <ul>\n      <li>one</li>\n      <li>two</li>\n"]
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
 OPTIONS = dict(progress=False, max_model_len=512, batch_invariant=True)
 
@@ -35,17 +37,17 @@ def test_greedy_outputs_equal_and_restated_code_is_accepted(speculative, referen
     assert stats.num_draft_tokens > 0
     assert stats.num_accepted_tokens / stats.num_draft_tokens > 0.6, stats
     assert stats.num_drafts < 24 / 2  # fewer steps than tokens
-    assert texts(speculative.generate(PROMPTS, GREEDY, use_tqdm=False)) == reference  # in one batch
+    assert texts(speculative.generate(PROMPTS, GREEDY, use_tqdm=False)) == reference  # in one batch of 8
     speculative.engine.kv_cache.check_integrity()
     assert speculative.engine.kv_cache.num_free_blocks == speculative.engine.kv_cache.num_blocks
 
 
 def test_greedy_outputs_equal_under_preemption(reference):
-    small = LLM(num_kv_blocks=7, enable_prefix_caching=False, speculative="ngram", **OPTIONS)
+    small = LLM(num_kv_blocks=9, enable_prefix_caching=False, speculative="ngram", **OPTIONS)
     assert texts(small.generate(PROMPTS, GREEDY, use_tqdm=False)) == reference
     assert small.engine.scheduler.num_preemptions > 0
     assert small.engine.spec_stats.num_accepted_tokens > 0
-    assert small.engine.kv_cache.num_free_blocks == 7
+    assert small.engine.kv_cache.num_free_blocks == 9
 
 
 def test_sampled_requests_and_metrics(speculative):
