@@ -118,13 +118,7 @@ class KVCacheManager:
         """Releases the request's blocks past its first `num_tokens` tokens (rejected proposals' blocks)."""
         held = self.req_block_ids.get(request.request_id, [])
         while len(held) > self.num_blocks_for(num_tokens):
-            block_id = held.pop()
-            block = self.blocks[block_id]
-            block.ref_count -= 1
-            if block.ref_count == 0:
-                self.free_queue[block_id] = None
-                if block.block_hash is None:
-                    self.free_queue.move_to_end(block_id, last=False)
+            self._release(held.pop())
 
     def _touch(self, block_id: int) -> None:
         block = self.blocks[block_id]
@@ -156,12 +150,15 @@ class KVCacheManager:
         """Releases the request's blocks; tail blocks go to the front of the eviction order."""
         self.req_block_hashes.pop(request.request_id, None)
         for block_id in reversed(self.req_block_ids.pop(request.request_id, [])):
-            block = self.blocks[block_id]
-            block.ref_count -= 1
-            if block.ref_count == 0:
-                self.free_queue[block_id] = None
-                if block.block_hash is None:  # nothing to reuse: evict it first
-                    self.free_queue.move_to_end(block_id, last=False)
+            self._release(block_id)
+
+    def _release(self, block_id: int) -> None:
+        block = self.blocks[block_id]
+        block.ref_count -= 1
+        if block.ref_count == 0:
+            self.free_queue[block_id] = None
+            if block.block_hash is None:  # nothing to reuse: evict it first
+                self.free_queue.move_to_end(block_id, last=False)
 
     def reset_prefix_cache(self) -> None:
         for block_id in self.free_queue:

@@ -54,9 +54,6 @@ class StructuredOutputManager:
                 self._cache.popitem(last=False)
         return compiled
 
-    def is_cached(self, params: StructuredOutputsParams) -> bool:
-        return params.key in self._cache
-
     def new_matcher(self, params: StructuredOutputsParams) -> "GrammarMatcher":
         import xgrammar
 
@@ -92,9 +89,6 @@ class GrammarMatcher:
     def is_terminated(self) -> bool:
         """The structure is complete and a stop token was accepted."""
         return self._matcher.is_terminated()
-
-    def rollback(self, num_tokens: int) -> None:
-        self._matcher.rollback(num_tokens)
 
 
 def _compile(compiler, params: StructuredOutputsParams):
