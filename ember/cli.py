@@ -104,12 +104,10 @@ def run_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from ember.engine.async_engine import AsyncEngine
     from ember.engine.engine import LLMEngine
-    from ember.runner.memory import release_freed_memory
     from ember.server.app import run_server
 
     server_config = server_config_from_args(args)
     engine = LLMEngine(engine_config_from_args(args))
-    release_freed_memory()  # what loading freed, while the server's memory is still at its smallest
     run_server(AsyncEngine(engine, server_config.max_queued_requests), server_config)
     return 0
 

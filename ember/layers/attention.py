@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ember.ops.attention import paged_attention, paged_decode_attention, write_kv
+from ember.ops.attention import decode_attn_bias, paged_attention, paged_decode_attention, write_kv
 
 
 @dataclass
@@ -29,6 +29,7 @@ class AttentionMetadata:
     decode_rows: torch.Tensor = field(init=False, repr=False)  # [num_decodes] their rows in the flattened batch
     decode_block_table: torch.Tensor = field(init=False, repr=False)  # [num_decodes, max_blocks], padded with 0
     decode_seq_lens: torch.Tensor = field(init=False, repr=False)  # [num_decodes]
+    _decode_attn_bias: torch.Tensor | None = field(init=False, repr=False, default=None)
 
     def __post_init__(self) -> None:
         device = self.slot_mapping.device
@@ -43,6 +44,13 @@ class AttentionMetadata:
             dtype=torch.long, device=device,
         ).view(len(self.decode_seq_ids), max_blocks)
         self.decode_seq_lens = torch.tensor([self.seq_lens[i] for i in self.decode_seq_ids], dtype=torch.long, device=device)
+
+    def decode_attn_bias(self, block_size: int) -> torch.Tensor:
+        """The decode rows' attention mask as an additive bias, built once per step and shared by the layers."""
+        if self._decode_attn_bias is None:
+            max_len = self.decode_block_table.shape[1] * block_size
+            self._decode_attn_bias = decode_attn_bias(self.decode_seq_lens, max_len)
+        return self._decode_attn_bias
 
     @property
     def num_seqs(self) -> int:
@@ -69,11 +77,15 @@ class Attention(nn.Module):
         attn_metadata: AttentionMetadata,
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
         write_kv(k, v, kv_cache[0], kv_cache[1], attn_metadata.slot_mapping)
-        if self.batch_invariant or len(attn_metadata.decode_seq_ids) < 2:
+        if self.batch_invariant or not attn_metadata.decode_seq_ids:
             return paged_attention(q, kv_cache[0], kv_cache[1], attn_metadata, self.scale, self.sliding_window)
+        bias = attn_metadata.decode_attn_bias(kv_cache.shape[2])
+        if not attn_metadata.other_seq_ids:  # decodes only: the rows are the sequences, in order
+            return paged_decode_attention(q, kv_cache[0], kv_cache[1], attn_metadata.decode_block_table,
+                                          attn_metadata.decode_seq_lens, self.scale, self.sliding_window, bias)
         out = paged_attention(q, kv_cache[0], kv_cache[1], attn_metadata, self.scale, self.sliding_window,
                               seq_ids=attn_metadata.other_seq_ids)
         rows = attn_metadata.decode_rows
         out[rows] = paged_decode_attention(q[rows], kv_cache[0], kv_cache[1], attn_metadata.decode_block_table,
-                                           attn_metadata.decode_seq_lens, self.scale, self.sliding_window)
+                                           attn_metadata.decode_seq_lens, self.scale, self.sliding_window, bias)
         return out

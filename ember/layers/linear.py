@@ -6,7 +6,7 @@ A quantized weight-only linear can replace `Linear` by offering the same constru
 import torch
 from torch import nn
 
-from ember.ops.linear import INT4_GROUP_SIZE, QUANTIZED_MAX_ROWS, Int4Weight, linear
+from ember.ops.linear import INT4_GROUP_SIZE, QUANTIZED_MAX_ROWS, Int4Weight, PrepackedWeight, can_prepack, linear
 
 
 class Linear(nn.Module):
@@ -42,17 +42,24 @@ class Linear(nn.Module):
         return quantized_or_dense(self, x, self.weight, self.bias)
 
     def quantize(self) -> None:
-        """Adds an int4 copy of the weight for small batches (decode); larger ones keep the dense GEMM."""
+        """An int4 copy of the weight for small batches (decode); larger ones get the float32 weight prepacked
+        for oneDNN, which replaces the plain matrix (same bytes)."""
         if self.weight.shape[1] % INT4_GROUP_SIZE == 0:  # else it stays dense
             self.quantized = Int4Weight(self.weight.data)
+        if can_prepack(self.weight) and not self.batch_invariant:
+            self.prepacked = PrepackedWeight(self.weight.data)
+            self.weight.data = torch.empty(0, self.weight.shape[1], dtype=self.weight.dtype)  # only the packed copy is read
 
 
 def quantized_or_dense(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """The quantized copy (`module.quantized`, if any) for up to QUANTIZED_MAX_ROWS rows, else the dense
-    GEMM. Batch-invariant mode keeps the dense path, whose results the tests compare bitwise."""
+    """The quantized copy (`module.quantized`, if any) for up to QUANTIZED_MAX_ROWS rows, else the prepacked
+    (`module.prepacked`) or plain dense GEMM. Batch-invariant mode keeps the dense path, whose results the tests compare bitwise."""
     quantized = getattr(module, "quantized", None)
     if quantized is not None and not module.batch_invariant and x.shape[0] <= QUANTIZED_MAX_ROWS:
         return quantized.linear(x, bias)
+    prepacked = getattr(module, "prepacked", None)
+    if prepacked is not None:
+        return prepacked.linear(x, bias)
     return linear(x, weight, bias, module.batch_invariant)
 
 

@@ -26,9 +26,10 @@ def linear(
 
 
 # PyTorch's packed weight-only CPU kernels read 4 or 8 bits a weight instead of float32's 32, but work row by
-# row: their cost grows with the rows, and past ~32 the float32 GEMM wins (measured on this model's shapes).
-# Both are fast only with bfloat16 activations, and each output row is independent of the other rows.
-QUANTIZED_MAX_ROWS = 32
+# row: their cost grows with the rows, and past ~8 oneDNN's float32 GEMM on a prepacked weight wins
+# (measured on this model's shapes; see benchmarks/NOTES.md). Both are fast only with bfloat16
+# activations, and each output row is independent of the other rows.
+QUANTIZED_MAX_ROWS = 8
 INT4_GROUP_SIZE = 32  # GGUF's block size: a Q4_0 / Q4_1 block is one group
 
 
@@ -68,3 +69,19 @@ class Int8Weight:
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         out = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self.weight, self.scales).to(x.dtype)
         return out if bias is None else out + bias
+
+
+def can_prepack(weight: torch.Tensor) -> bool:
+    return weight.dtype == torch.float32 and weight.device.type == "cpu" and torch.backends.mkldnn.is_available()
+
+
+class PrepackedWeight:
+    """A float32 weight reordered once into oneDNN's blocked layout (`torch.ops.mkldnn`), as inductor's
+    freezing does. From 8 to ~128 rows it runs 2-4x faster than MKL's GEMM on the plain matrix here
+    (MKL's small-M threading is the slow part), and within ~10% at prompt sizes. Same float32 math."""
+
+    def __init__(self, weight: torch.Tensor):  # [out_features, in_features] float32
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, 512)  # laid out for batches of ~512 rows
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:  # [num_tokens, out]
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.weight, bias, "none", [], "")

@@ -31,6 +31,26 @@ def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return torch.frombuffer(mmap.mmap(-1, max(num_bytes, 1)), dtype=dtype, count=math.prod(shape)).view(shape)
 
 
+def settle_heap() -> None:
+    """After loading: hand back what loading freed, then keep later freed temporaries for reuse.
+
+    glibc maps each large allocation fresh and unmaps it on free (and trims its heap top past 128 KB), so
+    every prefill-sized activation paid its page faults again: RMSNorm over 512 rows took 1.5 ms instead
+    of 0.3. Raising the mmap and trim thresholds keeps those pages; resident memory grows by the peak of
+    one step's temporaries (a few tens of MB), not more.
+    """
+    release_freed_memory()
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc
+        return
+    mallopt(M_MMAP_THRESHOLD, 32 << 20)  # glibc's maximum
+    mallopt(M_TRIM_THRESHOLD, 1 << 30)
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+
+
 def release_freed_memory() -> None:
     """Hands the C heap's free pages back to the OS (glibc's malloc_trim; a no-op elsewhere).
 
