@@ -2,7 +2,9 @@
 
 A full block's hash covers its tokens and its parent's hash, so matching a prompt against the cache is
 a dictionary walk. Freed blocks keep their hash and stay matchable until they are evicted, least
-recently freed first.
+recently freed first. Blocks never used yet are handed out only when no freed block is left: the pool's
+memory is mapped lazily (runner/memory.py), so the prefix cache lives in memory the process already
+touched and never grows it on its own.
 """
 from __future__ import annotations
 
@@ -32,8 +34,9 @@ class KVCacheManager:
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.blocks = [Block(i) for i in range(num_blocks)]
-        # Blocks with ref_count 0, in eviction order (front = evicted first). Cached ones stay matchable.
-        self.free_queue: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        # Used blocks with ref_count 0, in eviction order (front = evicted first). Cached ones stay matchable.
+        self.free_queue: OrderedDict[int, None] = OrderedDict()
+        self.num_used_ever = 0  # blocks 0 .. num_used_ever - 1 have been handed out; the rest never were
         self.cached: dict[int, int] = {}  # block hash -> block id
         self.req_block_ids: dict[str, list[int]] = {}
         self.req_block_hashes: dict[str, list[int]] = {}  # hashes of the request's full blocks so far
@@ -43,7 +46,7 @@ class KVCacheManager:
     # ---- queries -------------------------------------------------------------------------------
     @property
     def num_free_blocks(self) -> int:
-        return len(self.free_queue)
+        return len(self.free_queue) + self.num_blocks - self.num_used_ever
 
     @property
     def usage(self) -> float:
@@ -127,6 +130,10 @@ class KVCacheManager:
         block.ref_count += 1
 
     def _pop_free_block(self) -> int:
+        if not self.free_queue:
+            self.num_used_ever += 1
+            self.blocks[self.num_used_ever - 1].ref_count = 1
+            return self.num_used_ever - 1
         block_id, _ = self.free_queue.popitem(last=False)
         block = self.blocks[block_id]
         if block.block_hash is not None:  # evict it from the prefix cache
@@ -173,6 +180,7 @@ class KVCacheManager:
                 refs[block_id] += 1
         for block in self.blocks:
             assert block.ref_count == refs[block.block_id], (block, refs[block.block_id])
-            assert (block.ref_count == 0) == (block.block_id in self.free_queue), block
+            is_free = block.block_id in self.free_queue or block.block_id >= self.num_used_ever
+            assert (block.ref_count == 0) == is_free, block
         for block_hash, block_id in self.cached.items():
             assert self.blocks[block_id].block_hash == block_hash

@@ -85,19 +85,20 @@ def test_freed_cached_blocks_are_reused_until_evicted_lru():
     a = make_request("a", [1, 2, 3, 4, 5])  # blocks 0,1 full+cached, block 2 partial
     allocate_prompt(kv, a)
     kv.free(a)
-    assert list(kv.free_queue) == [2, 3, 1, 0]
-    b = make_request("b", [7, 7, 7])  # takes 2 blocks: evicts 2 (uncached) and 3
+    # a's uncached partial block is evicted first, then a's tail block 1, then 0; block 3 was never used.
+    assert list(kv.free_queue) == [2, 1, 0] and kv.num_free_blocks == 4
+    b = make_request("b", [7, 7, 7])  # takes 2 blocks from those already used: 2 (uncached) and 1 (evicted)
     allocate_prompt(kv, b)
-    assert kv.block_ids("b") == [2, 3]
+    assert kv.block_ids("b") == [2, 1]
     hit = make_request("hit", [1, 2, 3, 4, 6])
-    assert kv.get_computed_blocks(hit) == ([0, 1], 4)
-    kv.free(b)
-    # b's uncached partial block goes first; then least recently freed: a's tail block 1, then 0.
-    assert list(kv.free_queue) == [3, 1, 0, 2]
-    c = make_request("c", [9, 9, 9])
-    allocate_prompt(kv, c)
-    assert kv.block_ids("c") == [3, 1]
     assert kv.get_computed_blocks(hit) == ([0], 2)  # block 1 was evicted, block 0 still matches
+    kv.free(b)
+    # b's uncached partial block 1 goes first; then least recently freed: a's 0, then b's full block 2.
+    assert list(kv.free_queue) == [1, 0, 2]
+    c = make_request("c", [9, 9, 9, 9, 9, 9, 9])  # 4 blocks: every used one, then the never-used block 3
+    allocate_prompt(kv, c)
+    assert kv.block_ids("c") == [1, 0, 2, 3]
+    assert kv.get_computed_blocks(hit) == ([], 0)
     kv.check_integrity()
 
 

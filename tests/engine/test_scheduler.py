@@ -146,5 +146,6 @@ def test_better_priority_goes_before_running_prefill_and_takes_a_full_slot():
     assert summary(run_step(s)) == [("fim", 4, 1, True), ("fim2", 2, 1, True)]
     s.finish_request("fim", RequestStatus.FINISHED_STOPPED)
     s.finish_request("fim2", RequestStatus.FINISHED_STOPPED)
-    # The chat resumes from its full blocks, still in the prefix cache (3 blocks of 4).
-    assert summary(run_step(s)) == [("fim3", 0, 2, True), ("chat", 12, 6, False)]
+    # The chat resumes from its full blocks still in the prefix cache: 2 of its 3. Freed blocks are
+    # reused before never-used ones, least recently freed first, and its tail block went to fim3.
+    assert summary(run_step(s)) == [("fim3", 0, 2, True), ("chat", 8, 6, False)]
