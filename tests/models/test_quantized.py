@@ -1,5 +1,6 @@
 """The weight-only quantized decode path: int4 layers and an int8 head (PyTorch's packed CPU kernels, with
-bfloat16 activations) against the dense float32 path on the same weights.
+bfloat16 activations) against the dense float32 path on the same weights; and the oneDNN-prepacked
+float32 weights that serve larger batches.
 
 Tolerance: the kernels round activations to bfloat16, so logprobs move by up to ~0.1 nat on the embedded
 model; greedy text stays the same except at near-ties. The dense path stays the exact reference."""
@@ -9,7 +10,9 @@ import pytest
 import torch
 
 from ember import LLM, SamplingParams
-from ember.ops.linear import Int4Weight, Int8Weight
+from ember.layers.embedding import LMHead
+from ember.layers.linear import Linear
+from ember.ops.linear import QUANTIZED_MAX_ROWS, Int4Weight, Int8Weight, can_prepack
 
 
 def q4_1_weight(out_features: int, in_features: int, seed: int = 0) -> torch.Tensor:
@@ -48,6 +51,40 @@ def test_int8_head_is_close_to_dense():
     out = Int8Weight(weight).linear(x, None)
     reference = torch.nn.functional.linear(x, weight)
     assert (out - reference).abs().max() < 0.02 * reference.abs().max()
+
+
+def test_quantized_linear_picks_int4_for_few_rows_and_prepacked_float32_for_more():
+    weight, bias = q4_1_weight(96, 128, seed=6), torch.randn(96, generator=torch.Generator().manual_seed(7))
+    layer = Linear(128, [64, 32], bias=True, dtype=torch.float32)
+    layer.weight_loader(layer.weight, weight[:64], 0)
+    layer.weight_loader(layer.weight, weight[64:], 1)
+    layer.weight_loader(layer.bias, bias, None)
+    layer.quantize()
+    assert can_prepack(weight) and layer.weight.numel() == 0  # the prepacked copy replaced the plain matrix
+    for num_rows in (1, QUANTIZED_MAX_ROWS, QUANTIZED_MAX_ROWS + 1, 40, 300):
+        x = torch.randn(num_rows, 128, generator=torch.Generator().manual_seed(num_rows))
+        reference = torch.nn.functional.linear(x, weight, bias)
+        if num_rows <= QUANTIZED_MAX_ROWS:  # int4 kernel: bfloat16 activations and output
+            torch.testing.assert_close(layer(x), reference, rtol=2**-7, atol=0.05)
+        else:  # float32 throughout: only the summation order differs
+            torch.testing.assert_close(layer(x), reference, rtol=1e-5, atol=1e-5)
+
+
+def test_batch_invariant_linear_keeps_its_plain_weight():
+    layer = Linear(64, [32], bias=False, dtype=torch.float32, batch_invariant=True)
+    layer.weight_loader(layer.weight, torch.randn(32, 64), None)
+    layer.quantize()
+    x = torch.randn(20, 64)
+    assert layer.weight.shape == (32, 64) and getattr(layer, "prepacked", None) is None
+    torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight), rtol=0, atol=1e-5)
+
+
+def test_lm_head_beyond_the_int8_rows_is_float32():
+    head = LMHead(64, 1000, torch.float32)
+    head.weight.data.copy_(torch.randn(1000, 64, generator=torch.Generator().manual_seed(8)))
+    head.quantize()
+    x = torch.randn(QUANTIZED_MAX_ROWS + 4, 64, generator=torch.Generator().manual_seed(9))
+    torch.testing.assert_close(head(x), torch.nn.functional.linear(x, head.weight), rtol=1e-5, atol=1e-5)
 
 
 @pytest.fixture(scope="module")

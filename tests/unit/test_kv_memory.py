@@ -2,7 +2,7 @@
 behind a mask), writable, sharing one mapping per tensor."""
 import torch
 
-from ember.runner.memory import lazy_zeros, release_freed_memory
+from ember.runner.memory import lazy_zeros, release_freed_memory, settle_heap
 
 
 def test_lazy_zeros_are_zeros_and_writable():
@@ -17,3 +17,9 @@ def test_lazy_zeros_are_zeros_and_writable():
 
 def test_release_freed_memory_is_harmless():
     release_freed_memory()
+
+
+def test_settle_heap_is_harmless():
+    settle_heap()
+    big = torch.ones(64 << 20 >> 2)  # 64 MiB, above the raised mmap threshold
+    assert big.sum().item() == big.numel()
