@@ -177,12 +177,15 @@ class VLLMEngine(EngineBase):
 WORKERS = {"ember": EmberEngine, "hf": HFEngine, "llamacpp": LlamaCppEngine, "vllm": VLLMEngine}
 
 
+RESULT_MARK = "RESULT "
+
+
 def worker_main(kind: str) -> None:
     spec = json.loads(sys.stdin.read())
     start = time.perf_counter()
     engine = WORKERS[kind](spec)
     log(f"  {engine.name}: loaded in {time.perf_counter() - start:.1f} s")
-    print(json.dumps(run_worker(engine, spec)), flush=True)
+    print(RESULT_MARK + json.dumps(run_worker(engine, spec)), flush=True)
 
 
 # ---------------------------------------------------------------- orchestrator
@@ -197,7 +200,8 @@ def run_worker_process(python: str, kind: str, spec: dict, env: dict) -> dict:
                             stdout=subprocess.PIPE, text=True, env=env)
     if result.returncode != 0:
         raise RuntimeError(f"{kind} worker exited with {result.returncode}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    # vLLM prints to stdout too (at exit, after the result): take the marked line
+    return json.loads([line for line in result.stdout.splitlines() if line.startswith(RESULT_MARK)][-1][len(RESULT_MARK):])
 
 
 def run_batched_bench(binary: str, gguf: str, threads: int, sizes: dict, repeats: int) -> list[float]:

@@ -17,6 +17,7 @@ from ember.engine.structured_output import GrammarMatcher, StructuredOutputManag
 from ember.loader import load_checkpoint
 from ember.loader.hub import embedded_model_path
 from ember.outputs import CompletionOutput, Logprob, RequestOutput
+from ember.runner.memory import settle_heap
 from ember.runner.model_runner import DTYPES, ModelRunner
 from ember.sampling_params import InvalidParameterError, SamplingParams
 from ember.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -81,6 +82,7 @@ class LLMEngine:
         self._parents: dict[str, ParentRequest] = {}
         self._sequences: dict[str, _Sequence] = {}  # by the child request id
         self._ids = itertools.count()
+        settle_heap()  # the checkpoint's tensors are gone now
         logger.info("loaded %s: context %d tokens, KV cache %d tokens%s", path, self.max_model_len, self.runner.num_kv_tokens,
                     ", int4 weights for decode" if quantize else "")
 

@@ -8,7 +8,7 @@ import torch
 from ember.config import EngineConfig
 from ember.layers.attention import AttentionMetadata
 from ember.models.registry import get_model_class
-from ember.runner.memory import lazy_zeros, num_kv_blocks, settle_heap
+from ember.runner.memory import lazy_zeros, num_kv_blocks
 from ember.runner.rejection_sampler import verify_proposals
 from ember.runner.sampler import SampledToken, Sampler
 
@@ -37,7 +37,6 @@ class ModelRunner:
         self.num_blocks = num_kv_blocks(config.cache, bytes_per_token)
         shape = self.model.kv_cache_shape(self.num_blocks, self.block_size)
         self.kv_caches = [lazy_zeros(shape, self.dtype) for _ in range(self.model.num_layers)]
-        settle_heap()
         self.sampler = Sampler(eos_token_ids)
         self.seed = config.model.seed
         self.generators: dict[str, torch.Generator] = {}  # per seeded request, alive until it finishes
