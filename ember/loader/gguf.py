@@ -6,11 +6,10 @@ import re
 
 import torch
 from gguf.gguf_reader import ReaderTensor
-from gguf.quants import dequantize
 from tqdm import tqdm
 
-from ember.loader.gguf_config import gguf_to_hf_config
 from ember.loader import gguf_dequant
+from ember.loader.gguf_config import gguf_to_hf_config
 from ember.loader.gguf_reader import ArrayGGUFReader
 
 _GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
@@ -51,7 +50,7 @@ def load_gguf(path: str, dtype: torch.dtype, progress: bool) -> tuple[dict, dict
         metadata,
         set(by_name),
         vocab_size=len(metadata.get("tokenizer.ggml.tokens", ())) if embedding is None else int(embedding.shape[-1]),
-        rope_factors=None if rope_freqs is None else dequantize(rope_freqs.data, rope_freqs.tensor_type),
+        rope_factors=None if rope_freqs is None else gguf_dequant.dequantize(rope_freqs.data, rope_freqs.tensor_type).numpy(),
     )
     # llama.cpp permutes Q and K rows of "llama" models only (convert_hf_to_gguf.py LlamaModel.permute).
     permuted_num_heads = {}

@@ -1,5 +1,5 @@
 """`dequantize`: GGUF tensor data → float32 torch tensor; Q4_0, Q4_1 and Q8_0 in vectorised torch, other
-types through gguf's numpy `dequantize`. Both give the same bits (tests/unit/test_gguf_dequant.py)."""
+types through gguf's numpy `dequantize`. Both give the same bits (tests/unit/test_gguf_fast_read.py)."""
 from __future__ import annotations
 
 import numpy as np

@@ -85,3 +85,15 @@ class PrepackedWeight:
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:  # [num_tokens, out]
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.weight, bias, "none", [], "")
+
+
+class TransposedProductWeight:
+    """x W^T computed as (W x^T)^T on the plain matrix, for the LM head (often tied to the embedding, so it
+    keeps its plain layout): MKL runs this tall, thin product ~2x faster at 16-64 rows (measured)."""
+
+    def __init__(self, weight: torch.Tensor):  # [out_features, in_features]
+        self.weight = weight
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:  # [num_tokens, out]
+        out = torch.mm(self.weight, x.t()).t()
+        return out if bias is None else out + bias

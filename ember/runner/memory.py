@@ -1,4 +1,4 @@
-"""KV cache memory: how many blocks fit in the budget, and pool tensors whose pages cost nothing until written."""
+"""Memory: how many KV blocks fit in the budget, pool tensors whose pages cost nothing until written, and the C heap after loading."""
 from __future__ import annotations
 
 import ctypes
@@ -8,6 +8,8 @@ import mmap
 import torch
 
 from ember.config import CacheConfig
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 
 
 def num_kv_blocks(cache_config: CacheConfig, bytes_per_token: int) -> int:
@@ -41,15 +43,10 @@ def settle_heap() -> None:
     one step's temporaries (a few tens of MB), not more.
     """
     release_freed_memory()
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):  # not glibc
-        return
-    mallopt(M_MMAP_THRESHOLD, 32 << 20)  # glibc's maximum
-    mallopt(M_TRIM_THRESHOLD, 1 << 30)
-
-
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+    mallopt = _glibc("mallopt")
+    if mallopt is not None:
+        mallopt(M_MMAP_THRESHOLD, 32 << 20)  # glibc's maximum
+        mallopt(M_TRIM_THRESHOLD, 1 << 30)
 
 
 def release_freed_memory() -> None:
@@ -59,8 +56,13 @@ def release_freed_memory() -> None:
     the quantizers' temporaries), but glibc serves allocations of a few MB from its heap after the first
     large free and keeps those pages when they are freed: ~400 MB stayed resident for SmolLM2-135M.
     """
+    malloc_trim = _glibc("malloc_trim")
+    if malloc_trim is not None:
+        malloc_trim(0)
+
+
+def _glibc(name: str):
     try:
-        malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        return getattr(ctypes.CDLL("libc.so.6"), name)
     except (OSError, AttributeError):  # not glibc
-        return
-    malloc_trim(0)
+        return None
