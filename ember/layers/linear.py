@@ -53,7 +53,8 @@ class Linear(nn.Module):
 
 def quantized_or_dense(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """The quantized copy (`module.quantized`, if any) for up to QUANTIZED_MAX_ROWS rows, else the prepacked
-    (`module.prepacked`) or plain dense GEMM. Batch-invariant mode keeps the dense path, whose results the tests compare bitwise."""
+    (`module.prepacked`) or plain dense GEMM. Batch-invariant mode keeps the dense path, whose results the
+    tests compare bitwise."""
     quantized = getattr(module, "quantized", None)
     if quantized is not None and not module.batch_invariant and x.shape[0] <= QUANTIZED_MAX_ROWS:
         return quantized.linear(x, bias)

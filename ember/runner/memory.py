@@ -1,4 +1,5 @@
-"""Memory: how many KV blocks fit in the budget, pool tensors whose pages cost nothing until written, and the C heap after loading."""
+"""Memory: how many KV blocks fit in the budget, pool tensors whose pages cost nothing until written,
+and the C heap after loading."""
 from __future__ import annotations
 
 import ctypes
