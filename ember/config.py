@@ -8,18 +8,22 @@ from dataclasses import dataclass, field, fields
 @dataclass(frozen=True)
 class ModelConfig:
     model: str | None = None  # GGUF file, Hugging Face folder or hub id; None: the embedded SmolLM2
-    dtype: str = "float32"  # activations and dense weights: float32 | bfloat16 | float16
+    # activations and dense weights: auto | float32 | bfloat16 | float16; auto: float32 on a CPU, bfloat16 on a GPU
+    dtype: str = "auto"
     max_model_len: int | None = None  # None: the model's own context length
-    device: str = "cpu"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N; auto: cuda when PyTorch sees a GPU
     seed: int = 0
-    # Weight-only int4 for small batches (decode): auto = when the GGUF file's weights are 4-bit or less
-    quantize: str = "auto"  # auto | int4 | none
+    # Weight-only copies: int4 (CPU, batches up to 8 rows), int8 (CPU: up to 8 rows; GPU: every batch);
+    # auto: int4 on a CPU / int8 on a GPU when the GGUF file's weights are 4-bit or less
+    quantize: str = "auto"  # auto | int4 | int8 | none
 
     def __post_init__(self) -> None:
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
-        if self.quantize not in ("auto", "int4", "none"):
-            raise ValueError(f"quantize must be auto, int4 or none, got {self.quantize!r}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.quantize not in ("auto", "int4", "int8", "none"):
+            raise ValueError(f"quantize must be auto, int4, int8 or none, got {self.quantize!r}")
+        if not (self.device in ("auto", "cpu", "cuda") or (self.device.startswith("cuda:") and self.device[5:].isdigit())):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be positive, got {self.max_model_len}")
 
@@ -27,7 +31,10 @@ class ModelConfig:
 @dataclass(frozen=True)
 class CacheConfig:
     block_size: int = 16  # tokens per KV block
-    kv_cache_memory_gib: float = 1.0  # memory budget for the KV block pool
+    kv_cache_memory_gib: float = 1.0  # CPU: memory budget for the KV block pool
+    # GPU: the share of the device's memory Ember may use; the KV pool gets what the weights and a
+    # warm-up pass of the largest step leave of it
+    gpu_memory_utilization: float = 0.9
     num_kv_blocks: int | None = None  # a fixed number of blocks instead of the memory budget (tests force preemption with it)
     enable_prefix_caching: bool = True
 
@@ -36,6 +43,8 @@ class CacheConfig:
             raise ValueError(f"block_size must be positive, got {self.block_size}")
         if self.kv_cache_memory_gib <= 0:
             raise ValueError(f"kv_cache_memory_gib must be positive, got {self.kv_cache_memory_gib}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
 
 
 @dataclass(frozen=True)
@@ -81,6 +90,7 @@ class EngineConfig:
     # A request's results do not depend on what else is in the batch (vLLM's batch-invariant mode):
     # every matmul runs at a fixed row count and attention per sequence. About 3x slower decode on a CPU.
     batch_invariant: bool = False
+    enforce_eager: bool = False  # GPU: no CUDA graphs for decode steps (every step runs eagerly)
 
     @staticmethod
     def from_flat(**kwargs) -> "EngineConfig":

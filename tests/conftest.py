@@ -1,5 +1,13 @@
 """Shared fixtures. The embedded-model LLM is loaded once per test session (loading costs seconds)."""
+import os
+
 import pytest
+import torch
+
+# Without a GPU the Triton kernels (the GPU path) run under Triton's interpreter on CPU tensors. Set before any
+# kernel module is imported: @triton.jit reads it when it decorates.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,8 @@ from ember.config import EngineConfig
 from ember.engine.kv_cache_manager import KVCacheManager
 from ember.engine.scheduler_output import ScheduledRequest, SchedulerOutput
 from ember.loader import load_checkpoint
-from ember.runner.model_runner import DTYPES, ModelRunner
+from ember.runner.device import resolve_device, resolve_dtype, resolve_quantization
+from ember.runner.model_runner import ModelRunner
 from ember.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -39,7 +40,8 @@ class _DraftSequence:
 class DraftProposer:
     def __init__(self, config: EngineConfig, target_vocab_size: int, eos_token_ids: set[int], progress: bool):
         path = config.speculation.draft_model
-        checkpoint = load_checkpoint(path, dtype=DTYPES[config.model.dtype], progress=progress)
+        device = resolve_device(config.model.device)
+        checkpoint = load_checkpoint(path, dtype=resolve_dtype(config.model.dtype, device), progress=progress)
         vocab_size = checkpoint.hf_config["vocab_size"]
         if vocab_size != target_vocab_size:
             raise ValueError(f"the draft model {path} has a vocabulary of {vocab_size} tokens, the target {target_vocab_size}: "
@@ -49,7 +51,7 @@ class DraftProposer:
                                     kv_cache_memory_gib=max(config.cache.kv_cache_memory_gib / 10, 0.05))
         draft_config = dataclasses.replace(config, cache=cache)
         self.runner = ModelRunner(draft_config, checkpoint.hf_config, checkpoint.tensors, eos_token_ids,
-                                  quantize=config.model.quantize == "int4" or checkpoint.is_low_bit)
+                                  quantize=resolve_quantization(config.model.quantize, checkpoint.is_low_bit, device))
         self.kv_cache = KVCacheManager(self.runner.num_blocks, cache.block_size, enable_prefix_caching=False)
         self.sequences: dict[str, _DraftSequence] = {}
 

@@ -18,7 +18,8 @@ from ember.loader import load_checkpoint
 from ember.loader.hub import embedded_model_path
 from ember.outputs import CompletionOutput, Logprob, RequestOutput
 from ember.runner.memory import settle_heap
-from ember.runner.model_runner import DTYPES, ModelRunner
+from ember.runner.device import resolve_device, resolve_dtype, resolve_quantization
+from ember.runner.model_runner import ModelRunner
 from ember.sampling_params import InvalidParameterError, SamplingParams
 from ember.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -59,17 +60,16 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, progress: bool = True):
         self.config = config
         path = config.model.model or embedded_model_path()
-        checkpoint = load_checkpoint(path, dtype=DTYPES[config.model.dtype], progress=progress)
+        device = resolve_device(config.model.device)
+        checkpoint = load_checkpoint(path, dtype=resolve_dtype(config.model.dtype, device), progress=progress)
         self.model_path = checkpoint.path
         if checkpoint.gguf_metadata is not None:
             self.tokenizer = Tokenizer.from_gguf_metadata(checkpoint.gguf_metadata)
         else:
             self.tokenizer = Tokenizer.from_dir(checkpoint.path)
-        context_len = checkpoint.hf_config.get("max_position_embeddings") or 2048
-        self.max_model_len = min(config.model.max_model_len or context_len, context_len)
-        # auto: int4 copies when the GGUF file stores its layers in 4 bits or fewer
-        quantize = config.model.quantize == "int4" or (config.model.quantize == "auto" and checkpoint.is_low_bit)
+        quantize = resolve_quantization(config.model.quantize, checkpoint.is_low_bit, device)
         self.runner = ModelRunner(config, checkpoint.hf_config, checkpoint.tensors, self.tokenizer.eos_token_ids, quantize)
+        self.max_model_len = self.runner.max_model_len
         del checkpoint
         self.kv_cache = KVCacheManager(self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv_cache)
@@ -83,8 +83,9 @@ class LLMEngine:
         self._sequences: dict[str, _Sequence] = {}  # by the child request id
         self._ids = itertools.count()
         settle_heap()  # the checkpoint's tensors are gone now
-        logger.info("loaded %s: context %d tokens, KV cache %d tokens%s", path, self.max_model_len, self.runner.num_kv_tokens,
-                    ", int4 weights for decode" if quantize else "")
+        logger.info("loaded %s on %s (%s): context %d tokens, KV cache %d tokens%s", path, device,
+                    str(self.runner.dtype).removeprefix("torch."), self.max_model_len, self.runner.num_kv_tokens,
+                    f", {quantize} weights" if quantize else "")
 
     # ---- requests ------------------------------------------------------------------------------
     def add_request(

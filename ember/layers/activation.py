@@ -5,6 +5,12 @@ from torch import nn
 
 
 class SiluAndMul(nn.Module):
+    use_triton = False  # the GPU path's fused kernel (set by the runner)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [num_tokens, 2 * d] -> [num_tokens, d]
+        if self.use_triton:
+            from ember.ops.triton_activation import silu_and_mul
+
+            return silu_and_mul(x)
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up

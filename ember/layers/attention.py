@@ -1,4 +1,5 @@
-"""Paged attention layer and the per-step metadata that describes the flattened, ragged batch."""
+"""Paged attention layer and the per-step metadata that describes the flattened, ragged batch: as host lists
+for the torch reference path (CPU), or as device tensors for the one-launch Triton kernel (GPU path)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -57,8 +58,44 @@ class AttentionMetadata:
         return len(self.seq_lens)
 
 
+@dataclass
+class PackedAttentionMetadata:
+    """The same batch as device tensors, for a kernel that attends every sequence in one launch (Triton).
+    Building it needs no device-to-host sync, and a CUDA graph replays with these tensors refilled in place.
+    Padding sequences (CUDA-graph buckets) have seq_len 0 and their tokens' slots point at a scratch block."""
+
+    slot_mapping: torch.Tensor  # [num_tokens] int64: flat cache slot of each new token
+    query_start_loc: torch.Tensor  # [num_seqs + 1] int32
+    seq_lens: torch.Tensor  # [num_seqs] int32
+    block_table: torch.Tensor  # [num_seqs, max_blocks] int32, rows padded with 0
+    max_query_len: int  # host int: sizes the kernel's grid
+
+    @staticmethod
+    def build(slots: list[int], query_start_loc: list[int], seq_lens: list[int], block_tables: list[list[int]],
+              device: torch.device) -> "PackedAttentionMetadata":
+        max_blocks = max(len(b) for b in block_tables)
+        padded = [b + [0] * (max_blocks - len(b)) for b in block_tables]
+        return PackedAttentionMetadata(
+            slot_mapping=to_device(slots, torch.long, device),
+            query_start_loc=to_device(query_start_loc, torch.int32, device),
+            seq_lens=to_device(seq_lens, torch.int32, device),
+            block_table=to_device(padded, torch.int32, device),
+            max_query_len=max(b - a for a, b in zip(query_start_loc, query_start_loc[1:])),
+        )
+
+
+def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host list as a tensor on `device`; through pinned memory and a non-blocking copy on a GPU, so the host
+    never waits for the device here."""
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype, device=device)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+
+
 class Attention(nn.Module):
     """Writes this step's K/V into the layer's paged cache, then attends every new query over its context."""
+
+    use_triton = False  # the GPU path's kernel, with PackedAttentionMetadata (set by the runner)
 
     def __init__(self, scale: float, sliding_window: int | None, batch_invariant: bool = False):
         super().__init__()
@@ -74,9 +111,15 @@ class Attention(nn.Module):
         k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
         v: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
         kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
-        attn_metadata: AttentionMetadata,
+        attn_metadata: AttentionMetadata | PackedAttentionMetadata,
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
         write_kv(k, v, kv_cache[0], kv_cache[1], attn_metadata.slot_mapping)
+        if self.use_triton:
+            from ember.ops.triton_attention import unified_attention
+
+            m = attn_metadata
+            return unified_attention(q, kv_cache[0], kv_cache[1], torch.empty_like(q), m.query_start_loc, m.seq_lens,
+                                     m.block_table, m.max_query_len, self.scale, self.sliding_window)
         if self.batch_invariant or not attn_metadata.decode_seq_ids:
             return paged_attention(q, kv_cache[0], kv_cache[1], attn_metadata, self.scale, self.sliding_window)
         bias = attn_metadata.decode_attn_bias(kv_cache.shape[2])

@@ -19,6 +19,8 @@ class VocabEmbedding(nn.Module):
 class LMHead(nn.Module):
     """hidden -> float32 logits; with `tied_to`, it reuses the embedding's parameter instead of owning one."""
 
+    use_triton = False  # the GPU path's kernels (set by the runner before `quantize`)
+
     def __init__(
         self,
         hidden_size: int,
@@ -29,6 +31,7 @@ class LMHead(nn.Module):
     ):
         super().__init__()
         self.batch_invariant = batch_invariant
+        self.is_tied = tied_to is not None
         if tied_to is not None:
             self.weight = tied_to.weight
         else:
@@ -37,9 +40,17 @@ class LMHead(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:  # [num_seqs, hidden] -> [num_seqs, vocab]
         return quantized_or_dense(self, hidden_states, self.weight, None).float()
 
-    def quantize(self) -> None:
+    def quantize(self, kind: str = "int4") -> None:
         """An int8 copy for small batches: the head is the model's largest matrix, and the most sensitive.
-        Larger batches take the transposed product on the plain matrix."""
+        Larger batches take the transposed product on the plain matrix. GPU path: the int8 copy serves every
+        batch (the plain matrix stays only when the embedding shares it)."""
+        if self.use_triton:
+            from ember.ops.triton_linear import TritonInt8Weight
+
+            self.prepacked = TritonInt8Weight(self.weight.data)
+            if not self.is_tied:
+                self.weight.data = self.weight.data.new_empty(0, self.weight.shape[1])
+            return
         self.quantized = Int8Weight(self.weight.data)
         if not self.batch_invariant:
             self.prepacked = TransposedProductWeight(self.weight.data)

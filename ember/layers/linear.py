@@ -1,16 +1,19 @@
 """Dense linear layers, plain or fused (several HF projections in one weight, loaded shard by shard).
 
-A quantized weight-only linear can replace `Linear` by offering the same constructor, `forward` and a
-`weight_loader(param, tensor, shard_id)` attribute on its parameters.
+`quantize(kind)` adds weight-only copies after loading: on a CPU for decode-sized batches, on the GPU
+path (`use_triton`) an int8 weight that replaces the plain one for every batch size.
 """
 import torch
 from torch import nn
 
-from ember.ops.linear import INT4_GROUP_SIZE, QUANTIZED_MAX_ROWS, Int4Weight, PrepackedWeight, can_prepack, linear
+from ember.ops.linear import (INT4_GROUP_SIZE, QUANTIZED_MAX_ROWS, Int4Weight, Int8Weight, PrepackedWeight, can_prepack,
+                              linear)
 
 
 class Linear(nn.Module):
     """y = x W^T + b, where W stacks one block of rows per entry of `output_sizes` (e.g. q, k, v)."""
+
+    use_triton = False  # the GPU path's kernels (set by the runner before `quantize`)
 
     def __init__(
         self,
@@ -41,20 +44,29 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [num_tokens, input_size] -> [num_tokens, sum(output_sizes)]
         return quantized_or_dense(self, x, self.weight, self.bias)
 
-    def quantize(self) -> None:
-        """An int4 copy of the weight for small batches (decode); larger ones get the float32 weight prepacked
-        for oneDNN, which replaces the plain matrix (same bytes)."""
-        if self.weight.shape[1] % INT4_GROUP_SIZE == 0:  # else it stays dense
+    def quantize(self, kind: str = "int4") -> None:
+        """CPU: an int4 (or int8) copy of the weight for small batches (decode); larger ones get the float32
+        weight prepacked for oneDNN, which replaces the plain matrix (same bytes). GPU path: an int8 weight
+        for the Triton kernel replaces the plain matrix at every batch size."""
+        if self.use_triton:
+            from ember.ops.triton_linear import TritonInt8Weight
+
+            self.prepacked = TritonInt8Weight(self.weight.data)
+            self.weight.data = self.weight.data.new_empty(0, self.weight.shape[1])
+            return
+        if kind == "int8":
+            self.quantized = Int8Weight(self.weight.data)
+        elif self.weight.shape[1] % INT4_GROUP_SIZE == 0:  # else it stays dense
             self.quantized = Int4Weight(self.weight.data)
         if can_prepack(self.weight) and not self.batch_invariant:
             self.prepacked = PrepackedWeight(self.weight.data)
-            self.weight.data = torch.empty(0, self.weight.shape[1], dtype=self.weight.dtype)  # only the packed copy is read
+            self.weight.data = self.weight.data.new_empty(0, self.weight.shape[1])  # only the packed copy is read
 
 
 def quantized_or_dense(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """The quantized copy (`module.quantized`, if any) for up to QUANTIZED_MAX_ROWS rows, else the prepacked
-    (`module.prepacked`) or plain dense GEMM. Batch-invariant mode keeps the dense path, whose results the
-    tests compare bitwise."""
+    weight that replaced the plain one (`module.prepacked`), else the plain dense GEMM. Batch-invariant mode
+    on a CPU keeps the dense path, whose results the tests compare bitwise."""
     quantized = getattr(module, "quantized", None)
     if quantized is not None and not module.batch_invariant and x.shape[0] <= QUANTIZED_MAX_ROWS:
         return quantized.linear(x, bias)

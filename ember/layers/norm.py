@@ -5,6 +5,8 @@ from torch import nn
 
 
 class RMSNorm(nn.Module):
+    use_triton = False  # the GPU path's fused kernel (set by the runner)
+
     def __init__(self, hidden_size: int, eps: float, dtype: torch.dtype):
         super().__init__()
         self.eps = eps
@@ -16,6 +18,12 @@ class RMSNorm(nn.Module):
         residual: torch.Tensor | None = None,  # [..., hidden_size]
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """norm(x), or with a residual: (norm(x + residual), x + residual)."""
+        if self.use_triton:
+            from ember.ops import triton_norm
+
+            if residual is None:
+                return triton_norm.rms_norm(x, self.weight, self.eps)
+            return triton_norm.fused_add_rms_norm(x, residual, self.weight, self.eps)
         if residual is not None:
             x = x + residual
             residual = x

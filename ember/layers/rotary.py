@@ -12,6 +12,8 @@ SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
 class RotaryEmbedding(nn.Module):
+    use_triton = False  # the GPU path's kernel (set by the runner)
+
     def __init__(self, head_dim: int, max_position: int, base: float, scaling: dict | None = None):
         super().__init__()
         inv_freq = rope_inv_freq(head_dim, base, scaling or {})  # [head_dim // 2]
@@ -26,6 +28,10 @@ class RotaryEmbedding(nn.Module):
         q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
         k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.use_triton:
+            from ember.ops.triton_rotary import rotary
+
+            return rotary(positions, q, k, self.cos_cache, self.sin_cache)
         # q and k side by side: one rotation instead of two (a decode step is bound by per-op overhead)
         num_heads = q.shape[1]
         qk = _rotate(torch.cat((q, k), dim=1), self.cos_cache[positions].unsqueeze(1), self.sin_cache[positions].unsqueeze(1))

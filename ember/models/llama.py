@@ -176,7 +176,7 @@ class LlamaForCausalLM(nn.Module):
         if missing or unexpected:
             raise ValueError(f"weights do not match the model: missing {_few(missing)}; unexpected {_few(unexpected)}")
         head = tensors.get("lm_head.weight")
-        if self.tie_word_embeddings and head is not None and not torch.equal(head.to(self.dtype), self.lm_head.weight):
+        if self.tie_word_embeddings and head is not None and not torch.equal(head.to(self.lm_head.weight.device, self.dtype), self.lm_head.weight):
             raise ValueError("tie_word_embeddings is set but lm_head.weight differs from model.embed_tokens.weight")
 
     def _hf_names(self) -> dict[str, tuple[str, int | None]]:

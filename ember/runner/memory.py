@@ -1,10 +1,11 @@
-"""Memory: how many KV blocks fit in the budget, pool tensors whose pages cost nothing until written,
-and the C heap after loading."""
+"""Memory: how many KV blocks fit (a CPU budget, or a GPU's measured free memory), pool tensors whose pages
+cost nothing until written, and the C heap after loading."""
 from __future__ import annotations
 
 import ctypes
 import math
 import mmap
+from collections.abc import Callable
 
 import torch
 
@@ -19,6 +20,31 @@ def num_kv_blocks(cache_config: CacheConfig, bytes_per_token: int) -> int:
         return cache_config.num_kv_blocks
     budget = int(cache_config.kv_cache_memory_gib * (1 << 30))
     return max(1, budget // (cache_config.block_size * bytes_per_token))
+
+
+def profile_num_kv_blocks(warm_up: Callable[[], None], cache_config: CacheConfig, bytes_per_block: int,
+                          device: torch.device) -> int:
+    """GPU: the blocks that fit in `gpu_memory_utilization` of the device once the weights and the activation
+    peak of `warm_up` (the largest step) are counted, and what other processes and the CUDA context hold."""
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    warm_up()
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device)  # weights + the step's activations
+    torch.cuda.empty_cache()
+    free, total = torch.cuda.mem_get_info(device)
+    not_ours = total - free - torch.cuda.memory_reserved(device)  # the CUDA context, other processes
+    budget = int(total * cache_config.gpu_memory_utilization) - peak - not_ours
+    if budget < bytes_per_block:
+        gib = 1 << 30
+        raise ValueError(f"no GPU memory left for the KV cache: the weights and the largest step take {peak / gib:.1f} GiB "
+                         f"and other users {not_ours / gib:.1f} GiB of {total / gib:.1f} GiB; raise gpu_memory_utilization "
+                         f"({cache_config.gpu_memory_utilization}) or lower max_num_batched_tokens / max_num_seqs")
+    return budget // bytes_per_block
+
+
+def allocate_kv_cache(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return lazy_zeros(shape, dtype) if device.type == "cpu" else torch.zeros(shape, dtype=dtype, device=device)
 
 
 def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:

@@ -1,4 +1,7 @@
-"""ModelRunner: owns the model and its KV tensors; turns a SchedulerOutput into sampled tokens."""
+"""ModelRunner: owns the model and its KV tensors; turns a SchedulerOutput into sampled tokens.
+
+Two paths above the same model code: the CPU path (torch reference ops, host-list metadata, int4 weights) and
+the GPU path (`use_triton`: Triton kernels, metadata as device tensors, CUDA graphs for decode steps)."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -6,37 +9,58 @@ from typing import TYPE_CHECKING
 import torch
 
 from ember.config import EngineConfig
-from ember.layers.attention import AttentionMetadata
+from ember.layers.attention import AttentionMetadata, PackedAttentionMetadata, to_device
 from ember.models.registry import get_model_class
-from ember.runner.memory import lazy_zeros, num_kv_blocks
+from ember.runner.cuda_graphs import DecodeGraphs
+from ember.runner.device import resolve_device, resolve_dtype
+from ember.runner.memory import allocate_kv_cache, num_kv_blocks, profile_num_kv_blocks
 from ember.runner.rejection_sampler import verify_proposals
 from ember.runner.sampler import SampledToken, Sampler
 
 if TYPE_CHECKING:  # read by duck typing; the engine imports the runner, not the other way round
     from ember.engine.scheduler_output import SchedulerOutput
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 class ModelRunner:
     def __init__(self, config: EngineConfig, hf_config: dict, tensors: dict[str, torch.Tensor], eos_token_ids: set[int],
-                 quantize: bool = False):
+                 quantize: str | None = None, use_triton: bool | None = None):
+        """`quantize`: "int4" | "int8" | None (see ember.runner.device.resolve_quantization). `use_triton`: the GPU
+        path's kernels; None: on a GPU. The tests run that path on the CPU under Triton's interpreter."""
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
-        self.dtype = DTYPES[config.model.dtype]
+        self.device = resolve_device(config.model.device)
+        self.dtype = resolve_dtype(config.model.dtype, self.device)
+        self.use_triton = self.device.type == "cuda" if use_triton is None else use_triton
         self.block_size = config.cache.block_size
+        context_len = hf_config.get("max_position_embeddings") or 2048
+        self.max_model_len = min(config.model.max_model_len or context_len, context_len)
         model_class = get_model_class(hf_config.get("architectures") or [])
-        self.model = model_class(hf_config, dtype=self.dtype, batch_invariant=config.batch_invariant)
+        with torch.device(self.device):  # parameters and buffers are born on the device
+            self.model = model_class(hf_config, dtype=self.dtype, batch_invariant=config.batch_invariant)
         self.model.load_weights(tensors)
         self.model.eval()
-        if quantize:  # weight-only copies for decode-sized batches: int4 layers, an int8 head
+        if self.use_triton:
+            for module in self.model.modules():
+                if hasattr(module, "use_triton"):
+                    module.use_triton = True
+        if quantize:  # weight-only copies (see Linear.quantize)
             for module in self.model.modules():
                 if hasattr(module, "quantize"):
-                    module.quantize()
-        bytes_per_token = 2 * self.model.num_layers * self.model.num_kv_heads * self.model.head_dim * self.dtype.itemsize
-        self.num_blocks = num_kv_blocks(config.cache, bytes_per_token)
-        shape = self.model.kv_cache_shape(self.num_blocks, self.block_size)
-        self.kv_caches = [lazy_zeros(shape, self.dtype) for _ in range(self.model.num_layers)]
+                    module.quantize(quantize)
+        bytes_per_block = (2 * self.model.num_layers * self.model.num_kv_heads * self.model.head_dim
+                           * self.dtype.itemsize * self.block_size)
+        if self.device.type == "cuda" and config.cache.num_kv_blocks is None:
+            self.num_blocks = profile_num_kv_blocks(self._warm_up_largest_step(config), config.cache, bytes_per_block,
+                                                    self.device)
+        else:
+            self.num_blocks = num_kv_blocks(config.cache, bytes_per_block // self.block_size)
+        # The GPU path keeps one more block, never handed out: CUDA-graph padding rows write their K/V there.
+        shape = self.model.kv_cache_shape(self.num_blocks + self.use_triton, self.block_size)
+        self.kv_caches = [allocate_kv_cache(shape, self.dtype, self.device) for _ in range(self.model.num_layers)]
+        self.graphs = None
+        if self.device.type == "cuda" and not config.enforce_eager:
+            self.graphs = DecodeGraphs(self.model, self.kv_caches, config.scheduler.max_num_seqs,
+                                       -(-self.max_model_len // self.block_size), self.num_blocks * self.block_size)
         self.sampler = Sampler(eos_token_ids)
         self.seed = config.model.seed
         self.generators: dict[str, torch.Generator] = {}  # per seeded request, alive until it finishes
@@ -66,15 +90,9 @@ class ModelRunner:
             positions += token_positions
             slots += [r.block_ids[p // self.block_size] * self.block_size + p % self.block_size for p in token_positions]
             query_start_loc.append(query_start_loc[-1] + r.num_tokens)
-        metadata = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.long),
-            query_start_loc=query_start_loc,
-            seq_lens=[r.start_position + r.num_tokens for r in requests],
-            block_tables=[r.block_ids for r in requests],
-        )
-        hidden = self.model(
-            torch.tensor(input_ids, dtype=torch.long), torch.tensor(positions, dtype=torch.long), self.kv_caches, metadata
-        )  # [num_tokens, hidden_size]
+        seq_lens = [r.start_position + r.num_tokens for r in requests]
+        block_tables = [r.block_ids for r in requests]
+        hidden = self._forward(input_ids, positions, slots, query_start_loc, seq_lens, block_tables)  # [num_tokens, hidden]
         # Logits of each sampled request's last row, and of the rows after each proposed token.
         plain, speculative, plain_rows, spec_rows = [], [], [], []
         for i, r in enumerate(requests):
@@ -87,7 +105,8 @@ class ModelRunner:
                 spec_rows += range(end - 1 - r.num_spec_tokens, end)
         if not plain_rows and not spec_rows:
             return {}
-        logits = self.model.compute_logits(hidden[torch.tensor(plain_rows + spec_rows)])  # [num_rows, vocab_size]
+        rows = to_device(plain_rows + spec_rows, torch.long, self.device)
+        logits = self.model.compute_logits(hidden[rows])  # [num_rows, vocab_size]
         results = {}
         if plain:
             bitmasks = [(token_bitmasks or {}).get(r.request_id) for r in plain]
@@ -98,10 +117,41 @@ class ModelRunner:
             results |= {r.request_id: [SampledToken(t) for t in ids] for r, ids in zip(speculative, token_ids)}
         return results
 
+    def _forward(self, input_ids: list[int], positions: list[int], slots: list[int], query_start_loc: list[int],
+                 seq_lens: list[int], block_tables: list[list[int]],
+                 kv_caches: list[torch.Tensor] | None = None) -> torch.Tensor:  # [num_tokens, hidden_size]
+        is_decode = len(input_ids) == len(seq_lens)  # one new token per sequence
+        if kv_caches is None and self.graphs is not None and is_decode and len(seq_lens) <= self.graphs.max_num_seqs:
+            return self.graphs.run(input_ids, positions, slots, seq_lens, block_tables)
+        if self.use_triton:
+            metadata = PackedAttentionMetadata.build(slots, query_start_loc, seq_lens, block_tables, self.device)
+        else:
+            metadata = AttentionMetadata(slot_mapping=torch.tensor(slots, dtype=torch.long), query_start_loc=query_start_loc,
+                                         seq_lens=seq_lens, block_tables=block_tables)
+        return self.model(to_device(input_ids, torch.long, self.device), to_device(positions, torch.long, self.device),
+                          self.kv_caches if kv_caches is None else kv_caches, metadata)
+
+    def _warm_up_largest_step(self, config: EngineConfig):
+        """A function running the largest step the scheduler may send (a prefill of its whole token budget, logits
+        and sampling for every running sequence) on a throwaway KV cache: the activation peak to leave room for."""
+        @torch.inference_mode()
+        def run() -> None:
+            num_tokens = min(config.scheduler.max_num_batched_tokens, self.max_model_len)
+            num_blocks = -(-num_tokens // self.block_size)
+            kv_caches = [torch.zeros(self.model.kv_cache_shape(num_blocks, self.block_size), dtype=self.dtype,
+                                     device=self.device) for _ in range(self.model.num_layers)]
+            tokens = list(range(num_tokens))
+            hidden = self._forward([0] * num_tokens, tokens, tokens, [0, num_tokens], [num_tokens],
+                                   [list(range(num_blocks))], kv_caches)
+            logits = self.model.compute_logits(hidden[-1:].expand(config.scheduler.max_num_seqs, -1))
+            logits.log_softmax(dim=-1).sort(dim=-1, descending=True)  # what top-p and logprobs allocate
+        return run
+
     def _generator(self, request) -> torch.Generator | None:
         if request.params.seed is None:
             return None
         generator = self.generators.get(request.request_id)
         if generator is None:
-            generator = self.generators[request.request_id] = torch.Generator().manual_seed(request.params.seed)
+            generator = torch.Generator(device=self.device).manual_seed(request.params.seed)
+            self.generators[request.request_id] = generator
         return generator

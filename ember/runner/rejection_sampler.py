@@ -52,7 +52,7 @@ def _verify_greedy(proposals: list[int], targets: list[int]) -> list[int]:
 def _verify_random(proposals: list[int], logits: torch.Tensor, request, generator: torch.Generator | None) -> list[int]:
     probs = sampling_probs(logits, [request] * logits.shape[0])  # [k + 1, vocab_size]
     probs = probs / probs.sum(dim=-1, keepdim=True)
-    uniforms = torch.rand(len(proposals), generator=generator).tolist()
+    uniforms = torch.rand(len(proposals), generator=generator, device=logits.device).tolist()
     accepted = []
     for j, proposal in enumerate(proposals):
         if uniforms[j] < probs[j, proposal].item():

@@ -51,11 +51,8 @@ class Sampler:
                 banned = list(request.params.stop_token_ids) + ([] if request.params.ignore_eos else self.eos_token_ids)
                 logits[i, banned] = float("-inf")
 
-        token_ids = torch.empty(len(requests), dtype=torch.long)
-        is_greedy = torch.tensor([r.params.is_greedy for r in requests])
-        if is_greedy.any():
-            token_ids[is_greedy] = logits[is_greedy].argmax(dim=-1)
-        random_rows = (~is_greedy).nonzero().flatten().tolist()
+        random_rows = [i for i, r in enumerate(requests) if not r.params.is_greedy]
+        token_ids = logits.argmax(dim=-1)  # [num_reqs]; the random rows are overwritten
         if random_rows:
             token_ids[random_rows] = sample_random(
                 logits[random_rows], [requests[i] for i in random_rows], [generators[i] for i in random_rows]
@@ -79,7 +76,8 @@ class Sampler:
 def apply_token_bitmasks(logits: torch.Tensor, rows: list[int], bitmasks: torch.Tensor) -> None:
     """Sets logits[rows[j], t] to -inf where bit t of bitmasks[j] is clear (bit t % 32 of word t // 32)."""
     vocab_size = logits.shape[1]
-    shifts = torch.arange(32, dtype=torch.int32)
+    shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
+    bitmasks = bitmasks.to(logits.device)
     allowed = ((bitmasks.unsqueeze(-1) >> shifts) & 1).flatten(1).bool()  # [len(rows), 32 * words]
     if allowed.shape[1] < vocab_size:  # tokens past the mask's end are never allowed
         allowed = torch.nn.functional.pad(allowed, (0, vocab_size - allowed.shape[1]))
@@ -91,12 +89,14 @@ def apply_penalties(logits: torch.Tensor, request: "ScheduledRequest") -> None:
     params = request.params
     vocab_size = logits.shape[0]
     if params.repetition_penalty != 1.0:
-        seen = torch.tensor(request.prompt_token_ids + request.output_token_ids, dtype=torch.long).unique()
+        seen = torch.tensor(request.prompt_token_ids + request.output_token_ids, dtype=torch.long,
+                            device=logits.device).unique()
         seen = seen[seen < vocab_size]
         values = logits[seen]
         logits[seen] = torch.where(values > 0, values / params.repetition_penalty, values * params.repetition_penalty)
     if request.output_token_ids and (params.presence_penalty or params.frequency_penalty):
-        counts = torch.bincount(torch.tensor(request.output_token_ids, dtype=torch.long), minlength=vocab_size)
+        counts = torch.bincount(torch.tensor(request.output_token_ids, dtype=torch.long, device=logits.device),
+                                minlength=vocab_size)
         counts = counts[:vocab_size].to(logits.dtype)  # [vocab_size]
         logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(logits.dtype)
 
@@ -121,23 +121,23 @@ def sampling_probs(
     logits: torch.Tensor,  # [num_reqs, vocab_size]
     requests: list["ScheduledRequest"],
 ) -> torch.Tensor:  # [num_reqs, vocab_size]: temperature, top-k, top-p and min-p applied (unnormalized after the cuts)
-    temperatures = torch.tensor([r.params.temperature for r in requests], dtype=logits.dtype)
+    temperatures = torch.tensor([r.params.temperature for r in requests], dtype=logits.dtype, device=logits.device)
     logits = logits / temperatures.unsqueeze(1)
     top_ks = [r.params.top_k for r in requests]
     if any(top_ks):
         vocab_size = logits.shape[1]
-        k = torch.tensor([k if 0 < k < vocab_size else vocab_size for k in top_ks])
+        k = torch.tensor([k if 0 < k < vocab_size else vocab_size for k in top_ks], device=logits.device)
         kth = logits.sort(dim=-1, descending=True).values.gather(1, (k - 1).unsqueeze(1))  # [num_reqs, 1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = logits.softmax(dim=-1)
-    top_ps = torch.tensor([r.params.top_p for r in requests], dtype=probs.dtype)
+    top_ps = torch.tensor([r.params.top_p for r in requests], dtype=probs.dtype, device=probs.device)
     if (top_ps < 1).any():
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         # Drop a token when the tokens ranked above it already cover top_p (the first always stays).
         drop_sorted = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_ps.unsqueeze(1)
         drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
         probs = probs.masked_fill(drop, 0.0)
-    min_ps = torch.tensor([r.params.min_p for r in requests], dtype=probs.dtype)
+    min_ps = torch.tensor([r.params.min_p for r in requests], dtype=probs.dtype, device=probs.device)
     if (min_ps > 0).any():
         threshold = min_ps.unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
         probs = probs.masked_fill(probs < threshold, 0.0)

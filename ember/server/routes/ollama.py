@@ -157,7 +157,7 @@ def _details(serving: Serving) -> dict:
         "family": family,
         "families": [family],
         "parameter_size": _human(num_params),
-        "quantization_level": serving.engine.engine.config.model.dtype.upper() if not serving.model_path.endswith(".gguf") else "",
+        "quantization_level": str(serving.engine.engine.runner.dtype).removeprefix("torch.").upper() if not serving.model_path.endswith(".gguf") else "",
     }
 
 
@@ -195,7 +195,7 @@ async def ps(raw_request: Request):
     entry = _model_entry(serving)
     entry.pop("modified_at")
     entry["expires_at"] = "2100-01-01T00:00:00Z"  # loaded for the server's lifetime
-    entry["size_vram"] = 0 if serving.engine.engine.config.model.device == "cpu" else entry["size"]
+    entry["size_vram"] = 0 if serving.engine.engine.runner.device.type == "cpu" else entry["size"]
     entry["context_length"] = serving.max_model_len
     return {"models": [entry]}
 

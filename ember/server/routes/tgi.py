@@ -88,12 +88,12 @@ async def _stream_events(serving: Serving, request: GenerateRequest, num_prompt_
 @router.get("/info")
 async def info(raw_request: Request):
     serving = _serving(raw_request)
-    config = serving.engine.engine.config
+    config, runner = serving.engine.engine.config, serving.engine.engine.runner
     return {
         "model_id": serving.model_name,
         "model_sha": None,
-        "model_dtype": config.model.dtype,
-        "model_device_type": config.model.device,
+        "model_dtype": str(runner.dtype).removeprefix("torch."),
+        "model_device_type": runner.device.type,
         "model_pipeline_tag": "text-generation",
         "max_concurrent_requests": config.scheduler.max_num_seqs + serving.config.max_queued_requests,
         "max_best_of": 1,

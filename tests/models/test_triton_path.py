@@ -1,0 +1,137 @@
+"""The GPU path's model (every layer on its Triton kernel, the batch as PackedAttentionMetadata) against Hugging
+Face transformers on the tiny random models of test_llama_vs_hf, through the paged KV cache.
+
+Without CUDA the kernels run under Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET), on the CPU in
+float32: the same tolerance as the torch path (atol = rtol = 1e-4 on logits).
+"""
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from test_llama_vs_hf import (BLOCK_SIZE, CASES, NUM_BLOCKS, PROMPT_LEN, PagedCache, build_ember, build_hf,  # noqa: E402
+                              hf_logits, prompt)
+
+from ember.layers.attention import PackedAttentionMetadata  # noqa: E402
+
+ATOL = RTOL = 1e-4
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def build_triton(case: str, dtype: torch.dtype = torch.float32):
+    hf, hf_config = build_hf(case)
+    model = build_ember(hf, hf_config, dtype=dtype).to(DEVICE)
+    for module in model.modules():
+        if hasattr(module, "use_triton"):
+            module.use_triton = True
+    return hf, model
+
+
+class PackedPagedCache:
+    """test_llama_vs_hf's PagedCache with the GPU path's metadata: scattered blocks, one flattened step at a time."""
+
+    def __init__(self, model, seed: int = 0):
+        self.model = model
+        self.kv_caches = [torch.zeros(model.kv_cache_shape(NUM_BLOCKS, BLOCK_SIZE), dtype=model.dtype, device=DEVICE)
+                          for _ in range(model.num_layers)]
+        self.free_blocks = torch.randperm(NUM_BLOCKS, generator=torch.Generator().manual_seed(seed)).tolist()
+        self.block_tables: dict[int, list[int]] = {}
+        self.num_computed: dict[int, int] = {}
+
+    @torch.no_grad()
+    def step(self, chunks: list[tuple[int, list[int]]]) -> torch.Tensor:  # [num_tokens, hidden]
+        input_ids, positions, slots, query_start_loc, seq_lens, tables = [], [], [], [0], [], []
+        for seq_id, token_ids in chunks:
+            start = self.num_computed.get(seq_id, 0)
+            seq_len = start + len(token_ids)
+            table = self.block_tables.setdefault(seq_id, [])
+            while len(table) * BLOCK_SIZE < seq_len:
+                table.append(self.free_blocks.pop())
+            input_ids += token_ids
+            positions += range(start, seq_len)
+            slots += [table[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE for p in range(start, seq_len)]
+            query_start_loc.append(len(input_ids))
+            seq_lens.append(seq_len)
+            tables.append(list(table))
+            self.num_computed[seq_id] = seq_len
+        metadata = PackedAttentionMetadata.build(slots, query_start_loc, seq_lens, tables, DEVICE)
+        ids, pos = torch.tensor(input_ids, device=DEVICE), torch.tensor(positions, device=DEVICE)
+        return self.model(ids, pos, self.kv_caches, metadata)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_chunked_prefill_and_decode_match_hf(case):
+    hf, model = build_triton(case)
+    tokens = prompt(PROMPT_LEN, seed=2)
+    expected = hf_logits(hf, tokens)
+    cache = PackedPagedCache(model)
+    hidden = [cache.step([(0, tokens[:7])]), cache.step([(0, tokens[7:-3])])]  # the 2nd chunk reads the 1st from the cache
+    hidden += [cache.step([(0, [t])]) for t in tokens[-3:]]  # decodes
+    logits = model.compute_logits(torch.cat(hidden)).cpu()
+    torch.testing.assert_close(logits, expected, atol=ATOL, rtol=RTOL)
+
+
+def test_mixed_batch_matches_each_sequence_alone():
+    """Prefills, a chunk after a cached prefix and decodes in one launch give each sequence's own logits."""
+    hf, model = build_triton("llama")
+    prompts = [prompt(n, seed=10 + n) for n in (5, 11, 17)]
+    steps = [[(i, p) for i, p in enumerate(prompts)], [(0, [7]), (1, [3, 1, 4, 1, 5, 9]), (2, [8])]]
+    steps += [[(i, [20 + 3 * k + i]) for i in range(3)] for k in range(2)]
+    cache = PackedPagedCache(model)
+    batched = [(cache.step(chunks), chunks) for chunks in steps]
+    for i in range(3):
+        tokens = [t for chunks in steps for t in chunks[i][1]]
+        rows = []
+        for hidden, chunks in batched:
+            start = sum(len(c[1]) for c in chunks[:i])
+            rows.append(hidden[start:start + len(chunks[i][1])])
+        torch.testing.assert_close(model.compute_logits(torch.cat(rows)).cpu(), hf_logits(hf, tokens), atol=ATOL, rtol=RTOL)
+
+
+def test_int8_weights_equal_dense_on_the_dequantized_weights():
+    """--quantize int8 on the GPU path: every linear and the (untied) head on the Triton int8 kernel give the
+    torch path's logits on the same int8 weights dequantized (q * scale) into a float model."""
+    hf, model = build_triton("llama")
+    reference = build_ember(hf, build_hf("llama")[1])  # the torch path, on the CPU
+    tokens = prompt(PROMPT_LEN, seed=5)
+    dense = model.compute_logits(PackedPagedCache(model).step([(0, tokens)])).cpu()
+    for module, ref_module in zip(model.modules(), reference.modules()):
+        if hasattr(module, "quantize"):
+            module.quantize("int8")
+            int8 = module.prepacked
+            ref_module.weight.data = (int8.weight.float() * int8.scales[:, None]).cpu()
+    assert model.model.layers[0].mlp.down_proj.weight.numel() == 0  # the int8 copy replaced the plain matrix
+    quantized = model.compute_logits(PackedPagedCache(model).step([(0, tokens)])).cpu()
+    expected = reference.compute_logits(PagedCache(reference).step([(0, tokens)]))
+    torch.testing.assert_close(quantized, expected, atol=ATOL, rtol=RTOL)
+    assert (quantized - dense).abs().max() > 1e-3  # int8 did change the weights
+
+
+def test_runner_on_the_gpu_path_generates_as_the_cpu_path():
+    """ModelRunner.execute with use_triton (packed metadata through pinned copies, the sampler on the model's
+    device) gives the CPU path's greedy tokens over a batch of prefills then decodes."""
+    from ember.config import EngineConfig
+    from ember.engine.scheduler_output import ScheduledRequest, SchedulerOutput
+    from ember.runner.model_runner import ModelRunner
+    from ember.sampling_params import SamplingParams
+
+    hf, hf_config = build_hf("llama")
+    config = EngineConfig.from_flat(device=DEVICE.type, dtype="float32", num_kv_blocks=NUM_BLOCKS, block_size=BLOCK_SIZE,
+                                    enforce_eager=True)
+    tokens = {}
+    for use_triton in (False, True):
+        runner = ModelRunner(config, hf_config, dict(hf.state_dict()), eos_token_ids=set(), use_triton=use_triton)
+        assert runner.model.model.norm.use_triton == use_triton
+        prompts = {"a": prompt(9, seed=1), "b": prompt(14, seed=2)}
+        blocks = {"a": [3, 17, 5, 30, 8, 12], "b": [40, 2, 21, 9, 33, 6, 14]}
+        generated = {i: [] for i in prompts}
+        step = [(i, p, 0) for i, p in prompts.items()]
+        for _ in range(6):
+            scheduled = [ScheduledRequest(i, ids, start, blocks[i], True, SamplingParams(temperature=0), prompts[i], generated[i])
+                         for i, ids, start in step]
+            sampled = runner.execute(SchedulerOutput(requests=scheduled))
+            for i, _, _ in step:
+                generated[i].append(sampled[i][0].token_id)
+            step = [(i, [generated[i][-1]], len(prompts[i]) + len(generated[i]) - 1) for i in prompts]
+        tokens[use_triton] = generated
+    assert tokens[True] == tokens[False]
