@@ -91,13 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "complete":
-        return run_complete(args)
-    if args.command == "serve":
-        return run_serve(args)
-    if args.command == "chat":
-        return run_chat(args)
-    return 2
+    commands = {"complete": run_complete, "serve": run_serve, "chat": run_chat}
+    try:
+        return commands[args.command](args)
+    except (FileNotFoundError, ValueError, NotImplementedError) as e:
+        # Bad input (a wrong path, an unsupported architecture or device, a flag's value): the message, no traceback.
+        print(f"ember: error: {e}", file=sys.stderr)
+        return 2
 
 
 def run_serve(args: argparse.Namespace) -> int:

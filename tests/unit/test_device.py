@@ -1,0 +1,49 @@
+"""Device, dtype and quantization selection ("auto" and explicit), and the CLI's clean error for a bad choice."""
+import pytest
+import torch
+
+from ember.cli import main
+from ember.config import CacheConfig, ModelConfig
+from ember.runner.device import resolve_device, resolve_dtype, resolve_quantization
+
+HAS_CUDA = torch.cuda.is_available()
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+
+
+def test_auto_follows_what_torch_sees():
+    assert resolve_device("auto") == (torch.device("cuda") if HAS_CUDA else CPU)
+    assert resolve_device("cpu") == CPU
+    assert resolve_dtype("auto", CPU) == torch.float32
+    assert resolve_dtype("auto", CUDA) == torch.bfloat16
+    assert resolve_dtype("float16", CUDA) == torch.float16
+
+
+def test_quantization_by_device_and_checkpoint():
+    assert resolve_quantization("auto", True, CPU) == "int4"
+    assert resolve_quantization("auto", True, CUDA) == "int8"
+    assert resolve_quantization("auto", False, CUDA) is None
+    assert resolve_quantization("none", True, CPU) is None
+    assert resolve_quantization("int8", False, CPU) == "int8"
+    with pytest.raises(ValueError, match="int4 runs on the CPU only"):
+        resolve_quantization("int4", False, CUDA)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the error without a GPU")
+def test_cuda_without_a_gpu_is_a_clear_error(capsys):
+    with pytest.raises(ValueError, match="use --device cpu"):
+        resolve_device("cuda")
+    assert main(["complete", "Hi", "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ember: error: --device cuda:") and "Traceback" not in err
+
+
+def test_config_rejects_unknown_values(capsys):
+    with pytest.raises(ValueError, match="device must be auto, cpu, cuda or cuda:N"):
+        ModelConfig(device="tpu")
+    with pytest.raises(ValueError, match="quantize must be"):
+        ModelConfig(quantize="int5")
+    with pytest.raises(ValueError, match="gpu_memory_utilization"):
+        CacheConfig(gpu_memory_utilization=1.5)
+    ModelConfig(device="cuda:1")  # valid whether or not that GPU exists (checked when the engine starts)
+    assert main(["complete", "Hi", "/no/such/model.gguf"]) == 2
+    assert "/no/such/model.gguf" in capsys.readouterr().err
