@@ -51,7 +51,8 @@ class DraftProposer:
                                     kv_cache_memory_gib=max(config.cache.kv_cache_memory_gib / 10, 0.05))
         draft_config = dataclasses.replace(config, cache=cache)
         self.runner = ModelRunner(draft_config, checkpoint.hf_config, checkpoint.tensors, eos_token_ids,
-                                  quantize=resolve_quantization(config.model.quantize, checkpoint.is_low_bit, device))
+                                  quantize=resolve_quantization(config.model.quantize, checkpoint.is_low_bit, device),
+                                  profile_kv_memory=False)  # its own small budget, on a GPU too
         self.kv_cache = KVCacheManager(self.runner.num_blocks, cache.block_size, enable_prefix_caching=False)
         self.sequences: dict[str, _DraftSequence] = {}
 

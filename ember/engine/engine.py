@@ -67,6 +67,10 @@ class LLMEngine:
             self.tokenizer = Tokenizer.from_gguf_metadata(checkpoint.gguf_metadata)
         else:
             self.tokenizer = Tokenizer.from_dir(checkpoint.path)
+        self.draft = None
+        if config.speculation.speculative == "draft":
+            # Before the target's runner: on a GPU the target's KV cache gets what is left, the draft's share included.
+            self.draft = DraftProposer(config, checkpoint.hf_config["vocab_size"], self.tokenizer.eos_token_ids, progress)
         quantize = resolve_quantization(config.model.quantize, checkpoint.is_low_bit, device)
         self.runner = ModelRunner(config, checkpoint.hf_config, checkpoint.tensors, self.tokenizer.eos_token_ids, quantize)
         self.max_model_len = self.runner.max_model_len
@@ -74,9 +78,6 @@ class LLMEngine:
         self.kv_cache = KVCacheManager(self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv_cache)
         self.speculation = config.speculation
-        self.draft = None
-        if config.speculation.speculative == "draft":
-            self.draft = DraftProposer(config, self.runner.model.vocab_size, self.tokenizer.eos_token_ids, progress)
         self.spec_stats = SpecDecodeStats(config.speculation.num_speculative_tokens)
         self.structured_output = StructuredOutputManager(self.tokenizer, self.runner.model.vocab_size, config.num_threads or 2)
         self._parents: dict[str, ParentRequest] = {}

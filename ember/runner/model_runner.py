@@ -23,9 +23,10 @@ if TYPE_CHECKING:  # read by duck typing; the engine imports the runner, not the
 
 class ModelRunner:
     def __init__(self, config: EngineConfig, hf_config: dict, tensors: dict[str, torch.Tensor], eos_token_ids: set[int],
-                 quantize: str | None = None, use_triton: bool | None = None):
+                 quantize: str | None = None, use_triton: bool | None = None, profile_kv_memory: bool = True):
         """`quantize`: "int4" | "int8" | None (see ember.runner.device.resolve_quantization). `use_triton`: the GPU
-        path's kernels; None: on a GPU. The tests run that path on the CPU under Triton's interpreter."""
+        path's kernels; None: on a GPU. The tests run that path on the CPU under Triton's interpreter.
+        `profile_kv_memory`: on a GPU, size the KV cache from the free memory (else from kv_cache_memory_gib)."""
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         self.device = resolve_device(config.model.device)
@@ -49,7 +50,7 @@ class ModelRunner:
                     module.quantize(quantize)
         bytes_per_block = (2 * self.model.num_layers * self.model.num_kv_heads * self.model.head_dim
                            * self.dtype.itemsize * self.block_size)
-        if self.device.type == "cuda" and config.cache.num_kv_blocks is None:
+        if self.device.type == "cuda" and config.cache.num_kv_blocks is None and profile_kv_memory:
             self.num_blocks = profile_num_kv_blocks(self._warm_up_largest_step(config), config.cache, bytes_per_block,
                                                     self.device)
         else:
