@@ -127,8 +127,8 @@ class ModelRunner:
         if self.use_triton:
             metadata = PackedAttentionMetadata.build(slots, query_start_loc, seq_lens, block_tables, self.device)
         else:
-            metadata = AttentionMetadata(slot_mapping=torch.tensor(slots, dtype=torch.long), query_start_loc=query_start_loc,
-                                         seq_lens=seq_lens, block_tables=block_tables)
+            metadata = AttentionMetadata(slot_mapping=to_device(slots, torch.long, self.device),
+                                         query_start_loc=query_start_loc, seq_lens=seq_lens, block_tables=block_tables)
         return self.model(to_device(input_ids, torch.long, self.device), to_device(positions, torch.long, self.device),
                           self.kv_caches if kv_caches is None else kv_caches, metadata)
 

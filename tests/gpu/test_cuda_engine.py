@@ -13,7 +13,7 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time", 
 
 @pytest.fixture(scope="module")
 def cuda_llm():
-    return LLM(progress=False, device="cuda", dtype="float32", max_model_len=512, max_num_seqs=8)
+    return LLM(progress=False, device="cuda", dtype="float32", quantize="none", max_model_len=512, max_num_seqs=8)
 
 
 def test_defaults_select_the_gpu_path(cuda_llm):
@@ -35,7 +35,8 @@ def test_greedy_matches_the_cpu_path(cuda_llm):
 
 
 def test_cuda_graphs_match_eager(cuda_llm):
-    eager = LLM(progress=False, device="cuda", dtype="float32", max_model_len=512, max_num_seqs=8, enforce_eager=True)
+    eager = LLM(progress=False, device="cuda", dtype="float32", quantize="none", max_model_len=512, max_num_seqs=8,
+                enforce_eager=True)
     assert eager.engine.runner.graphs is None
     for n in (1, 3):  # bucket 1, and 3 padded to bucket 4
         a = [o.outputs[0].token_ids for o in cuda_llm.generate(PROMPTS[:n], GREEDY, use_tqdm=False)]
