@@ -31,7 +31,8 @@ import time
 
 import torch
 
-from ember import LLM, SamplingParams
+import offline  # benchmarks/offline.py, beside this script
+from ember import LLM
 
 SHAPES = {
     "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -158,9 +159,7 @@ def random_prompts(num_prompts: int, length: int, vocab_size: int, seed: int) ->
     return torch.randint(10, vocab_size, (num_prompts, length), generator=generator).tolist()
 
 
-class EmberRunner:
-    name = "ember"
-
+class EmberRunner(offline.EmberRunner):  # its generate(); the model is this script's folder
     def __init__(self, folder: str, args, dtype: str):
         options = dict(device=args.device, dtype=dtype, max_model_len=args.max_model_len, max_num_seqs=max(args.batches),
                        max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=False,
@@ -172,10 +171,6 @@ class EmberRunner:
         self.llm = LLM(model=folder, progress=False, **options)
         self.label = "ember"
 
-    def generate(self, prompts: list[list[int]], max_tokens: int) -> None:
-        params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
-        assert all(len(o.outputs[0].token_ids) == max_tokens for o in outputs)
 
 
 class HFRunner:

@@ -51,8 +51,8 @@ class ModelRunner:
         bytes_per_block = (2 * self.model.num_layers * self.model.num_kv_heads * self.model.head_dim
                            * self.dtype.itemsize * self.block_size)
         if self.device.type == "cuda" and config.cache.num_kv_blocks is None and profile_kv_memory:
-            self.num_blocks = profile_num_kv_blocks(self._warm_up_largest_step(config), config.cache, bytes_per_block,
-                                                    self.device)
+            self.num_blocks = profile_num_kv_blocks(lambda: self._run_largest_step(config), config.cache,
+                                                    bytes_per_block, self.device)
         else:
             self.num_blocks = num_kv_blocks(config.cache, bytes_per_block // self.block_size)
         # The GPU path keeps one more block, never handed out: CUDA-graph padding rows write their K/V there.
@@ -132,21 +132,19 @@ class ModelRunner:
         return self.model(to_device(input_ids, torch.long, self.device), to_device(positions, torch.long, self.device),
                           self.kv_caches if kv_caches is None else kv_caches, metadata)
 
-    def _warm_up_largest_step(self, config: EngineConfig):
-        """A function running the largest step the scheduler may send (a prefill of its whole token budget, logits
-        and sampling for every running sequence) on a throwaway KV cache: the activation peak to leave room for."""
-        @torch.inference_mode()
-        def run() -> None:
-            num_tokens = min(config.scheduler.max_num_batched_tokens, self.max_model_len)
-            num_blocks = -(-num_tokens // self.block_size)
-            kv_caches = [torch.zeros(self.model.kv_cache_shape(num_blocks, self.block_size), dtype=self.dtype,
-                                     device=self.device) for _ in range(self.model.num_layers)]
-            tokens = list(range(num_tokens))
-            hidden = self._forward([0] * num_tokens, tokens, tokens, [0, num_tokens], [num_tokens],
-                                   [list(range(num_blocks))], kv_caches)
-            logits = self.model.compute_logits(hidden[-1:].expand(config.scheduler.max_num_seqs, -1))
-            logits.log_softmax(dim=-1).sort(dim=-1, descending=True)  # what top-p and logprobs allocate
-        return run
+    @torch.inference_mode()
+    def _run_largest_step(self, config: EngineConfig) -> None:
+        """The largest step the scheduler may send (a prefill of its whole token budget, logits and sampling for
+        every running sequence) on a throwaway KV cache: the activation peak to leave room for."""
+        num_tokens = min(config.scheduler.max_num_batched_tokens, self.max_model_len)
+        num_blocks = -(-num_tokens // self.block_size)
+        kv_caches = [torch.zeros(self.model.kv_cache_shape(num_blocks, self.block_size), dtype=self.dtype,
+                                 device=self.device) for _ in range(self.model.num_layers)]
+        tokens = list(range(num_tokens))
+        hidden = self._forward([0] * num_tokens, tokens, tokens, [0, num_tokens], [num_tokens],
+                               [list(range(num_blocks))], kv_caches)
+        logits = self.model.compute_logits(hidden[-1:].expand(config.scheduler.max_num_seqs, -1))
+        logits.log_softmax(dim=-1).sort(dim=-1, descending=True)  # what top-p and logprobs allocate
 
     def _generator(self, request) -> torch.Generator | None:
         if request.params.seed is None:

@@ -66,9 +66,10 @@ def build_ember(hf, hf_config: dict, batch_invariant: bool = False, dtype: torch
 class PagedCache:
     """A minimal stand-in for the runner: shuffled block ids, one flattened step at a time."""
 
-    def __init__(self, model, seed: int = 0):
+    def __init__(self, model, seed: int = 0, device: str | torch.device = "cpu"):
         self.model = model
-        self.kv_caches = [torch.zeros(model.kv_cache_shape(NUM_BLOCKS, BLOCK_SIZE), dtype=model.dtype)
+        self.device = device
+        self.kv_caches = [torch.zeros(model.kv_cache_shape(NUM_BLOCKS, BLOCK_SIZE), dtype=model.dtype, device=device)
                           for _ in range(model.num_layers)]
         # Non-contiguous, out-of-order block ids: a sequence's blocks are scattered over the pool.
         self.free_blocks = torch.randperm(NUM_BLOCKS, generator=torch.Generator().manual_seed(seed)).tolist()
@@ -92,8 +93,12 @@ class PagedCache:
             seq_lens.append(seq_len)
             tables.append(list(table))
             self.num_computed[seq_id] = seq_len
-        metadata = AttentionMetadata(torch.tensor(slots), query_start_loc, seq_lens, tables)
-        return self.model(torch.tensor(input_ids), torch.tensor(positions), self.kv_caches, metadata)
+        metadata = self.metadata(slots, query_start_loc, seq_lens, tables)
+        ids, pos = torch.tensor(input_ids, device=self.device), torch.tensor(positions, device=self.device)
+        return self.model(ids, pos, self.kv_caches, metadata)
+
+    def metadata(self, slots, query_start_loc, seq_lens, tables) -> AttentionMetadata:
+        return AttentionMetadata(torch.tensor(slots, device=self.device), query_start_loc, seq_lens, tables)
 
 
 def prompt(length: int, seed: int) -> list[int]:

@@ -27,36 +27,14 @@ def build_triton(case: str, dtype: torch.dtype = torch.float32):
     return hf, model
 
 
-class PackedPagedCache:
-    """test_llama_vs_hf's PagedCache with the GPU path's metadata: scattered blocks, one flattened step at a time."""
+class PackedPagedCache(PagedCache):
+    """test_llama_vs_hf's PagedCache with the GPU path's metadata, on DEVICE."""
 
     def __init__(self, model, seed: int = 0):
-        self.model = model
-        self.kv_caches = [torch.zeros(model.kv_cache_shape(NUM_BLOCKS, BLOCK_SIZE), dtype=model.dtype, device=DEVICE)
-                          for _ in range(model.num_layers)]
-        self.free_blocks = torch.randperm(NUM_BLOCKS, generator=torch.Generator().manual_seed(seed)).tolist()
-        self.block_tables: dict[int, list[int]] = {}
-        self.num_computed: dict[int, int] = {}
+        super().__init__(model, seed, DEVICE)
 
-    @torch.no_grad()
-    def step(self, chunks: list[tuple[int, list[int]]]) -> torch.Tensor:  # [num_tokens, hidden]
-        input_ids, positions, slots, query_start_loc, seq_lens, tables = [], [], [], [0], [], []
-        for seq_id, token_ids in chunks:
-            start = self.num_computed.get(seq_id, 0)
-            seq_len = start + len(token_ids)
-            table = self.block_tables.setdefault(seq_id, [])
-            while len(table) * BLOCK_SIZE < seq_len:
-                table.append(self.free_blocks.pop())
-            input_ids += token_ids
-            positions += range(start, seq_len)
-            slots += [table[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE for p in range(start, seq_len)]
-            query_start_loc.append(len(input_ids))
-            seq_lens.append(seq_len)
-            tables.append(list(table))
-            self.num_computed[seq_id] = seq_len
-        metadata = PackedAttentionMetadata.build(slots, query_start_loc, seq_lens, tables, DEVICE)
-        ids, pos = torch.tensor(input_ids, device=DEVICE), torch.tensor(positions, device=DEVICE)
-        return self.model(ids, pos, self.kv_caches, metadata)
+    def metadata(self, slots, query_start_loc, seq_lens, tables) -> PackedAttentionMetadata:
+        return PackedAttentionMetadata.build(slots, query_start_loc, seq_lens, tables, DEVICE)
 
 
 @pytest.mark.parametrize("case", CASES)
