@@ -3,6 +3,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ember.ops import cpu_kernels
+
 
 class SiluAndMul(nn.Module):
     use_triton = False  # the GPU path's fused kernel (set by the runner)
@@ -12,5 +14,7 @@ class SiluAndMul(nn.Module):
             from ember.ops.triton_activation import silu_and_mul
 
             return silu_and_mul(x)
+        if x.dim() == 2 and cpu_kernels.usable(x):
+            return cpu_kernels.silu_and_mul(x.contiguous())
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up

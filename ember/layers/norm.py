@@ -3,6 +3,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ember.ops import cpu_kernels
+
 
 class RMSNorm(nn.Module):
     use_triton = False  # the GPU path's fused kernel (set by the runner)
@@ -24,6 +26,8 @@ class RMSNorm(nn.Module):
             if residual is None:
                 return triton_norm.rms_norm(x, self.weight, self.eps)
             return triton_norm.fused_add_rms_norm(x, residual, self.weight, self.eps)
+        if cpu_kernels.usable(x, self.weight) and (residual is None or cpu_kernels.usable(residual)):
+            return cpu_kernels.rms_norm(x, None if residual is None else residual.contiguous(), self.weight, self.eps)
         if residual is not None:
             x = x + residual
             residual = x

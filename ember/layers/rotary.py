@@ -8,6 +8,8 @@ import math
 import torch
 from torch import nn
 
+from ember.ops import cpu_kernels
+
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -32,10 +34,19 @@ class RotaryEmbedding(nn.Module):
             from ember.ops.triton_rotary import rotary
 
             return rotary(positions, q, k, self.cos_cache, self.sin_cache)
+        if _heads_contiguous(q) and _heads_contiguous(k) and cpu_kernels.usable(q, k, self.cos_cache):
+            positions = positions.contiguous()
+            cpu_kernels.rotary_(q, positions, self.cos_cache, self.sin_cache)  # in place, as the Triton kernel
+            cpu_kernels.rotary_(k, positions, self.cos_cache, self.sin_cache)
+            return q, k
         # q and k side by side: one rotation instead of two (a decode step is bound by per-op overhead)
         num_heads = q.shape[1]
         qk = _rotate(torch.cat((q, k), dim=1), self.cos_cache[positions].unsqueeze(1), self.sin_cache[positions].unsqueeze(1))
         return qk[:, :num_heads], qk[:, num_heads:]
+
+
+def _heads_contiguous(x: torch.Tensor) -> bool:  # [num_tokens, num_heads, head_dim], any token stride
+    return x.stride(2) == 1 and x.stride(1) == x.shape[2]
 
 
 def _rotate(

@@ -1,7 +1,9 @@
-"""Linear: the plain GEMM, a batch-invariant variant whose rows do not depend on the batch size, and a
-weight-only int4 matmul (PyTorch's packed CPU kernel) for small row counts."""
+"""Linear: the plain GEMM, a batch-invariant variant whose rows do not depend on the batch size, and
+weight-only int4 / int8 matmuls for small row counts (Ember's C kernels, else PyTorch's packed ones)."""
 import torch
 import torch.nn.functional as F
+
+from ember.ops import cpu_kernels
 
 # Every GEMM of the batch-invariant path sees exactly this many rows. BLAS (MKL/oneDNN on CPU) picks its
 # kernel, and so its summation order, by the number of rows; at a fixed row count a row's result was found
@@ -25,19 +27,22 @@ def linear(
     return torch.cat(out)[:num_tokens]
 
 
-# PyTorch's packed weight-only CPU kernels read 4 or 8 bits a weight instead of float32's 32, but work row by
-# row: their cost grows with the rows, and past ~8 oneDNN's float32 GEMM on a prepacked weight wins
-# (measured on this model's shapes; see benchmarks/NOTES.md). Both are fast only with bfloat16
-# activations, and each output row is independent of the other rows.
+# Weight-only kernels read 4 or 8 bits a weight instead of float32's 32. Ember's C kernels (float32
+# activations) dequantize a block once for a tile of rows; PyTorch's packed ones, the fallback, want bfloat16
+# activations and re-read the weight per row. Past ~8 rows oneDNN's float32 GEMM on a prepacked weight wins
+# either way (measured on this model's shapes; see benchmarks/NOTES.md). Each output row is independent of the
+# other rows in both.
 QUANTIZED_MAX_ROWS = 8
 INT4_GROUP_SIZE = 32  # GGUF's block size: a Q4_0 / Q4_1 block is one group
 
 
 class Int4Weight:
-    """Asymmetric min-max int4 per group of 32 inputs, for `torch.ops.aten._weight_int4pack_mm_for_cpu`.
+    """Asymmetric min-max int4 per group of 32 inputs: w = d * q + m, q in 0..15.
 
-    The kernel computes w = (q - 8) * scale + zero. For a GGUF Q4_1 weight (w = d * q + m, each block
-    spanning q = 0..15, as llama.cpp quantizes it) this recovers q exactly, with scale = d and zero = m + 8d.
+    For a GGUF Q4_1 weight (w = d * q + m, each block spanning q = 0..15, as llama.cpp quantizes it) this
+    recovers q, d and m. Stored for Ember's C kernel (d and m float16 values held as float32, GGUF's nibble order) or, without it,
+    for `torch.ops.aten._weight_int4pack_mm_for_cpu`, which computes (q - 8) * scale + zero: scale = d,
+    zero = m + 8d, in bfloat16.
     """
 
     def __init__(self, weight: torch.Tensor):  # [out_features, in_features]
@@ -45,29 +50,44 @@ class Int4Weight:
         groups = weight.float().view(out_features, in_features // INT4_GROUP_SIZE, INT4_GROUP_SIZE)
         w_min, w_max = groups.amin(-1), groups.amax(-1)  # [out, in // group]; torch.aminmax is ~4x slower here
         scale = ((w_max - w_min) / 15).clamp(min=1e-12)
+        self.use_kernel = cpu_kernels.usable(weight)
+        if self.use_kernel:  # d and m rounded to float16 (a GGUF block's own), q computed against them
+            scale, w_min = scale.half().clamp_(min=2**-24).float(), w_min.half().float()
+            self.d, self.m = scale.contiguous(), w_min.contiguous()
         # One temporary, then in place: each fresh full-size tensor costs start-up time in page faults.
-        q = (groups - w_min[..., None]).div_(scale[..., None]).round_().clamp_(0, 15).to(torch.int32)
-        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.view(out_features, in_features), 2)
+        q = (groups - w_min[..., None]).div_(scale[..., None]).round_().clamp_(0, 15).to(torch.uint8)
+        if self.use_kernel:
+            half = INT4_GROUP_SIZE // 2
+            self.qs = (q[..., :half] | (q[..., half:] << 4)).view(out_features, in_features // 2)
+            return
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.view(out_features, in_features).int(), 2)
         scales_and_zeros = torch.stack([scale, w_min + 8 * scale], -1).transpose(0, 1)  # [in // group, out, 2]
         self.scales_and_zeros = scales_and_zeros.contiguous().to(torch.bfloat16)
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:  # [num_tokens, out], x's dtype
+        if self.use_kernel:  # a float32 weight, so a float32 model
+            out = cpu_kernels.q4_linear(x.contiguous(), self.qs, self.d, self.m)
+            return out if bias is None else out.add_(bias)
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.packed, INT4_GROUP_SIZE, self.scales_and_zeros)
         return out.to(x.dtype) if bias is None else out.to(x.dtype) + bias
 
 
 class Int8Weight:
-    """Symmetric int8 per output channel, for `torch.ops.aten._weight_int8pack_mm` (the LM head: GGUF files
-    that store their layers in 4 bits keep the output matrix at 8 or more)."""
+    """Symmetric int8 per output channel (the LM head: GGUF files that store their layers in 4 bits keep the
+    output matrix at 8 or more), for Ember's C kernel or `torch.ops.aten._weight_int8pack_mm`."""
 
     def __init__(self, weight: torch.Tensor):  # [out_features, in_features]
         # max |w| without an abs() copy of the matrix (and amin + amax beat torch.aminmax ~3x on CPU)
         scale = (torch.maximum(-weight.float().amin(1), weight.float().amax(1)) / 127).clamp(min=1e-12)  # [out]
         self.weight = (weight.float() / scale[:, None]).round_().clamp_(-127, 127).to(torch.int8)
-        self.scales = scale.to(torch.bfloat16)
+        self.use_kernel = cpu_kernels.usable(weight) and weight.shape[1] % 32 == 0
+        self.scales = scale if self.use_kernel else scale.to(torch.bfloat16)
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        out = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self.weight, self.scales).to(x.dtype)
+        if self.use_kernel:
+            out = cpu_kernels.q8_linear(x.contiguous(), self.weight, self.scales)
+        else:
+            out = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self.weight, self.scales).to(x.dtype)
         return out if bias is None else out + bias
 
 

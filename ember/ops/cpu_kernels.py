@@ -1,0 +1,146 @@
+"""Ember's C kernels for the CPU path (`ops/csrc/*.c`): compiled for this CPU on first use, cached, called
+through ctypes on float32 tensors. Without a C compiler (or with EMBER_CPU_KERNELS=0) `kernels()` is None and
+callers keep PyTorch's ops.
+
+They are plain C with OpenMP and no PyTorch headers, so a build takes about a second; linked against
+libgomp.so.1, they share the OpenMP runtime PyTorch has already loaded (one thread pool, no oversubscription).
+"""
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("qlinear.c", "pointwise.c")
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC"]
+
+_P, _I64, _INT, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+SIGNATURES = {
+    "q4_linear": [_P, _I64, _I64, _P, _P, _P, _I64, _P, _INT],
+    "q8_linear": [_P, _I64, _I64, _P, _P, _I64, _P, _INT],
+    "rms_norm": [_P, _I64, _P, _P, _P, _P, _I64, _I64, _F, _INT],
+    "silu_and_mul": [_P, _P, _I64, _I64, _INT],
+    "rotary": [_P, _I64, _I64, _I64, _I64, _P, _P, _P],
+}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ember" / "kernels"
+
+
+def _cpu_id() -> str:
+    """What -march=native depends on: the CPU model and its feature flags."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor()
+    return "\n".join(sorted({line for line in lines if line.startswith(("model name", "flags"))}))
+
+
+def build(compiler: str, flags: list[str] = FLAGS) -> Path:
+    """The shared library for these sources, flags and CPU: from the cache, or compiled into it."""
+    src_dir = Path(__file__).parent / "csrc"
+    sources = [src_dir / name for name in SOURCES]
+    key = hashlib.sha256()
+    for part in [compiler, *flags, _cpu_id(), *(s.read_text() for s in sources)]:
+        key.update(part.encode())
+    target = cache_dir() / f"ember_cpu_{key.hexdigest()[:16]}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    log.info("compiling Ember's CPU kernels into %s", target)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        out = Path(tmp) / target.name
+        subprocess.run([compiler, *flags, *map(str, sources), "-o", str(out), "-lm"], check=True,
+                       capture_output=True, text=True)
+        os.replace(out, target)  # atomic: concurrent first runs each publish a whole file
+    return target
+
+
+@functools.cache
+def kernels() -> ctypes.CDLL | None:
+    """The loaded library, or None where it cannot be built here (the torch ops are used instead)."""
+    if os.environ.get("EMBER_CPU_KERNELS", "1") == "0":
+        return None
+    return load()
+
+
+def load(flags: list[str] = FLAGS) -> ctypes.CDLL | None:
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None or platform.system() != "Linux":
+        log.info("no C compiler found: Ember's CPU kernels are off (PyTorch ops are used)")
+        return None
+    try:
+        lib = ctypes.CDLL(str(build(compiler, flags)))
+    except (OSError, subprocess.CalledProcessError) as exc:
+        detail = getattr(exc, "stderr", "") or exc
+        log.warning("Ember's CPU kernels could not be built (%s); PyTorch ops are used", str(detail).strip()[:500])
+        return None
+    for name, argtypes in SIGNATURES.items():
+        getattr(lib, name).argtypes = argtypes
+        getattr(lib, name).restype = None
+    return lib
+
+
+def usable(*tensors: torch.Tensor) -> bool:
+    """The kernels apply: float32 CPU tensors (contiguous rows), and the library is built."""
+    return all(t.dtype == torch.float32 and t.device.type == "cpu" and t.stride(-1) == 1 for t in tensors) and (
+        kernels() is not None)
+
+
+def q4_linear(x: torch.Tensor, qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """x [M, K] float32 (contiguous) times a 4-bit weight (qs [N, K/2] uint8, d and m [N, K/32] float32) -> [M, N]."""
+    num_rows, in_features = x.shape
+    out = x.new_empty(num_rows, qs.shape[0])
+    kernels().q4_linear(x.data_ptr(), num_rows, in_features, qs.data_ptr(), d.data_ptr(), m.data_ptr(), qs.shape[0],
+                        out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+def q8_linear(x: torch.Tensor, qs: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [M, K] float32 (contiguous) times an int8 weight (qs [N, K], per-row float32 scale [N]) -> [M, N]."""
+    num_rows, in_features = x.shape
+    out = x.new_empty(num_rows, qs.shape[0])
+    kernels().q8_linear(x.data_ptr(), num_rows, in_features, qs.data_ptr(), scale.data_ptr(), qs.shape[0],
+                        out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+def rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float):
+    """RMSNorm(x) or (RMSNorm(x + residual), x + residual) over the last dim; rows of x may be strided
+    (x [..., H] with unit inner stride and rows at a fixed stride), residual contiguous."""
+    hidden = x.shape[-1]
+    rows = x.numel() // hidden
+    row_stride = x.stride(-2) if x.dim() > 1 else hidden
+    if x.dim() > 2 and x.stride(-3) != row_stride * x.shape[-2]:  # not one fixed row stride: pack it
+        x = x.contiguous()
+        row_stride = hidden
+    out = torch.empty(x.shape, dtype=x.dtype)
+    residual_out = None if residual is None else torch.empty(x.shape, dtype=x.dtype)
+    kernels().rms_norm(x.data_ptr(), row_stride, None if residual is None else residual.data_ptr(),
+                       None if residual_out is None else residual_out.data_ptr(), weight.data_ptr(), out.data_ptr(),
+                       rows, hidden, eps, torch.get_num_threads())
+    return out if residual is None else (out, residual_out)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:  # [M, 2d] contiguous -> [M, d]
+    rows, width = x.shape
+    out = x.new_empty(rows, width // 2)
+    kernels().silu_and_mul(x.data_ptr(), out.data_ptr(), rows, width // 2, torch.get_num_threads())
+    return out
+
+
+def rotary_(x: torch.Tensor, positions: torch.Tensor, cos_cache: torch.Tensor, sin_cache: torch.Tensor) -> None:
+    """Rotates x [num_tokens, num_heads, head_dim] (heads contiguous within a token) in place."""
+    num_tokens, num_heads, head_dim = x.shape
+    kernels().rotary(x.data_ptr(), x.stride(0), num_tokens, num_heads, head_dim, positions.data_ptr(),
+                     cos_cache.data_ptr(), sin_cache.data_ptr())

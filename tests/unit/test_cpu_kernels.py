@@ -1,0 +1,107 @@
+"""Ember's C kernels for the CPU path (ember/ops/csrc) against PyTorch references: the 4-/8-bit matmuls at
+every tile shape (rows 1..9, a partial column group), the fused RMSNorm (with residual, strided rows), SiLU-mul
+and in-place rotary. Each runs twice: the build for this CPU (AVX-512 here) and the portable C build
+(-mno-avx512f: what a machine without AVX-512 compiles). Float32 throughout: only summation order differs."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ember.layers.rotary import RotaryEmbedding, _rotate
+from ember.ops import cpu_kernels
+from ember.ops.linear import Int4Weight, Int8Weight
+
+BUILDS = {"native": cpu_kernels.FLAGS, "portable": [*cpu_kernels.FLAGS, "-mno-avx512f"]}
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(params=list(BUILDS))
+def lib(request, monkeypatch):
+    loaded = cpu_kernels.load(BUILDS[request.param])
+    if loaded is None:
+        pytest.skip("no C compiler")
+    monkeypatch.setattr(cpu_kernels, "kernels", lambda: loaded)
+    return loaded
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("out_features,in_features", [(96, 128), (10, 1536), (3, 64)])
+def test_q4_linear_matches_the_dequantized_weight(lib, out_features, in_features):
+    weight = torch.randn(out_features, in_features, generator=gen(0))
+    layer = Int4Weight(weight)
+    assert layer.use_kernel
+    blocks = layer.qs.view(out_features, -1, 16)
+    q = torch.cat([blocks & 0x0F, blocks >> 4], -1).float()  # GGUF order: low nibbles, then high ones
+    dequantized = (q * layer.d[..., None] + layer.m[..., None]).view(out_features, in_features)
+    assert (dequantized - weight).abs().max() <= (layer.d.max() / 2) * 1.01  # round to nearest of 16 levels
+    bias = torch.randn(out_features, generator=gen(1))
+    for rows in range(1, 10):  # tiles of 4, 2 and 1 rows
+        x = torch.randn(rows, in_features, generator=gen(rows))
+        torch.testing.assert_close(layer.linear(x, bias), F.linear(x, dequantized, bias), **TOL)
+
+
+def test_q8_linear_matches_the_dequantized_weight(lib):
+    weight = torch.randn(70, 96, generator=gen(2))
+    layer = Int8Weight(weight)
+    assert layer.use_kernel and layer.scales.dtype == torch.float32
+    dequantized = layer.weight.float() * layer.scales[:, None]
+    for rows in (1, 2, 3, 4, 5, 8, 9):
+        x = torch.randn(rows, 96, generator=gen(rows))
+        torch.testing.assert_close(layer.linear(x, None), F.linear(x, dequantized), **TOL)
+
+
+def test_quantized_rows_do_not_depend_on_the_batch(lib):
+    weight = torch.randn(36, 192, generator=gen(3))
+    x = torch.randn(11, 192, generator=gen(4))
+    for layer in (Int4Weight(weight), Int8Weight(weight)):
+        whole = layer.linear(x, None)
+        assert torch.equal(whole, torch.cat([layer.linear(x[i : i + 1], None) for i in range(11)]))
+        assert torch.equal(whole[3:9], layer.linear(x[3:9], None))
+
+
+def test_rms_norm_with_and_without_residual(lib):
+    x, residual = torch.randn(5, 576, generator=gen(5)), torch.randn(5, 576, generator=gen(6))
+    weight = torch.randn(576, generator=gen(7))
+    torch.testing.assert_close(cpu_kernels.rms_norm(x, None, weight, 1e-5), F.rms_norm(x, (576,), weight, 1e-5), **TOL)
+    out, summed = cpu_kernels.rms_norm(x, residual, weight, 1e-5)
+    torch.testing.assert_close(summed, x + residual, rtol=0, atol=0)
+    torch.testing.assert_close(out, F.rms_norm(x + residual, (576,), weight, 1e-5), **TOL)
+
+
+def test_rms_norm_on_strided_head_views(lib):
+    qkv = torch.randn(3, 4 * 64 + 2 * 64, generator=gen(8))
+    q = qkv[:, : 4 * 64].view(3, 4, 64)  # Qwen3's per-head norm on a view of the fused projection
+    weight = torch.randn(64, generator=gen(9))
+    torch.testing.assert_close(cpu_kernels.rms_norm(q, None, weight, 1e-6), F.rms_norm(q, (64,), weight, 1e-6), **TOL)
+
+
+def test_silu_and_mul(lib):
+    x = torch.randn(7, 2 * 1536, generator=gen(10)) * 4
+    gate, up = x.chunk(2, dim=-1)
+    torch.testing.assert_close(cpu_kernels.silu_and_mul(x), F.silu(gate) * up, **TOL)
+
+
+def test_rotary_in_place_on_fused_qkv_views(lib):
+    rope = RotaryEmbedding(64, 256, 10000.0)
+    qkv = torch.randn(5, (9 + 3 + 3) * 64, generator=gen(11))
+    q, k = qkv[:, : 9 * 64].view(5, 9, 64), qkv[:, 9 * 64 : 12 * 64].view(5, 3, 64)
+    v_before = qkv[:, 12 * 64 :].clone()
+    positions = torch.tensor([0, 7, 100, 255, 3])
+    cos, sin = rope.cos_cache[positions].unsqueeze(1), rope.sin_cache[positions].unsqueeze(1)
+    expected_q, expected_k = _rotate(q.clone(), cos, sin), _rotate(k.clone(), cos, sin)
+    out_q, out_k = rope(positions, q, k)
+    assert out_q.data_ptr() == q.data_ptr()  # in place
+    torch.testing.assert_close(out_q, expected_q, **TOL)
+    torch.testing.assert_close(out_k, expected_k, **TOL)
+    assert torch.equal(qkv[:, 12 * 64 :], v_before)
+
+
+def test_without_the_kernels_the_torch_ops_serve(monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "kernels", lambda: None)
+    weight = torch.randn(32, 64, generator=gen(12))
+    layer = Int4Weight(weight)
+    assert not layer.use_kernel and not cpu_kernels.usable(weight)
+    x = torch.randn(2, 64, generator=gen(13))
+    assert (layer.linear(x, None) - F.linear(x, weight)).abs().max() < 0.1 * F.linear(x, weight).abs().max()
