@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ember.ops import cpu_kernels
 from ember.ops.attention import decode_attn_bias, paged_attention, paged_decode_attention, write_kv
 
 
@@ -31,6 +32,7 @@ class AttentionMetadata:
     decode_block_table: torch.Tensor = field(init=False, repr=False)  # [num_decodes, max_blocks], padded with 0
     decode_seq_lens: torch.Tensor = field(init=False, repr=False)  # [num_decodes]
     _decode_attn_bias: torch.Tensor | None = field(init=False, repr=False, default=None)
+    _c_kernel_tables: "CKernelTables | None" = field(init=False, repr=False, default=None)
 
     def __post_init__(self) -> None:
         device = self.slot_mapping.device
@@ -53,9 +55,33 @@ class AttentionMetadata:
             self._decode_attn_bias = decode_attn_bias(self.decode_seq_lens, max_len)
         return self._decode_attn_bias
 
+    def c_kernel_tables(self) -> "CKernelTables":
+        """The step as the C attention kernel reads it, built once per step and shared by the layers."""
+        if self._c_kernel_tables is None:
+            starts = self.query_start_loc
+            short = [i for i in range(self.num_seqs) if starts[i + 1] - starts[i] <= cpu_kernels.ATTENTION_MAX_QUERY]
+            max_blocks = max(len(b) for b in self.block_tables)
+            self._c_kernel_tables = CKernelTables(
+                short_seq_ids=torch.tensor(short, dtype=torch.long),
+                long_seq_ids=[i for i in range(self.num_seqs) if starts[i + 1] - starts[i] > cpu_kernels.ATTENTION_MAX_QUERY],
+                query_start_loc=torch.tensor(starts, dtype=torch.long),
+                seq_lens=torch.tensor(self.seq_lens, dtype=torch.long),
+                block_table=torch.tensor([b + [0] * (max_blocks - len(b)) for b in self.block_tables], dtype=torch.long),
+            )
+        return self._c_kernel_tables
+
     @property
     def num_seqs(self) -> int:
         return len(self.seq_lens)
+
+
+@dataclass
+class CKernelTables:
+    short_seq_ids: torch.Tensor  # [n] int64: sequences with few new tokens (decode, verification): the C kernel's
+    long_seq_ids: list[int]  # the others (prefill chunks): PyTorch's flash attention, per sequence
+    query_start_loc: torch.Tensor  # [num_seqs + 1] int64
+    seq_lens: torch.Tensor  # [num_seqs] int64
+    block_table: torch.Tensor  # [num_seqs, max_blocks] int64, rows padded with 0
 
 
 @dataclass
@@ -120,6 +146,8 @@ class Attention(nn.Module):
             m = attn_metadata
             return unified_attention(q, kv_cache[0], kv_cache[1], torch.empty_like(q), m.query_start_loc, m.seq_lens,
                                      m.block_table, m.max_query_len, self.scale, self.sliding_window)
+        if not self.batch_invariant and q.stride(1) == q.shape[2] and cpu_kernels.usable(q, kv_cache):
+            return self._forward_c_kernel(q, kv_cache, attn_metadata)
         if self.batch_invariant or not attn_metadata.decode_seq_ids:
             return paged_attention(q, kv_cache[0], kv_cache[1], attn_metadata, self.scale, self.sliding_window)
         bias = attn_metadata.decode_attn_bias(kv_cache.shape[2])
@@ -131,4 +159,17 @@ class Attention(nn.Module):
         rows = attn_metadata.decode_rows
         out[rows] = paged_decode_attention(q[rows], kv_cache[0], kv_cache[1], attn_metadata.decode_block_table,
                                            attn_metadata.decode_seq_lens, self.scale, self.sliding_window, bias)
+        return out
+
+    def _forward_c_kernel(self, q: torch.Tensor, kv_cache: torch.Tensor, attn_metadata: AttentionMetadata) -> torch.Tensor:
+        """Short queries through the C kernel over the blocks in place, prefill chunks through flash attention."""
+        tables = attn_metadata.c_kernel_tables()
+        if tables.long_seq_ids:
+            out = paged_attention(q, kv_cache[0], kv_cache[1], attn_metadata, self.scale, self.sliding_window,
+                                  seq_ids=tables.long_seq_ids)
+        else:
+            out = torch.empty(q.shape, dtype=q.dtype)
+        if tables.short_seq_ids.numel():
+            cpu_kernels.paged_attention(q, kv_cache[0], kv_cache[1], tables.short_seq_ids, tables.query_start_loc,
+                                        tables.seq_lens, tables.block_table, self.scale, self.sliding_window, out)
         return out

@@ -20,7 +20,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("qlinear.c", "pointwise.c")
+SOURCES = ("qlinear.c", "pointwise.c", "attention.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC"]
 
 _P, _I64, _INT, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
@@ -30,7 +30,12 @@ SIGNATURES = {
     "rms_norm": [_P, _I64, _P, _P, _P, _P, _I64, _I64, _F, _INT],
     "silu_and_mul": [_P, _P, _I64, _I64, _INT],
     "rotary": [_P, _I64, _I64, _I64, _I64, _P, _P, _P],
+    "paged_attention": [_P, _I64, _P, _P, _I64, _I64, _I64, _I64, _P, _I64, _P, _P, _P, _I64, _F, _I64, _P, _INT],
 }
+
+# Queries per sequence up to which the C attention kernel serves (decode, speculative verification); longer
+# ones (prefill) go to PyTorch's flash attention, whose tiling wins there.
+ATTENTION_MAX_QUERY = 16
 
 
 def cache_dir() -> Path:
@@ -60,7 +65,7 @@ def build(compiler: str, flags: list[str] = FLAGS) -> Path:
     log.info("compiling Ember's CPU kernels into %s", target)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
-        subprocess.run([compiler, *flags, *map(str, sources), "-o", str(out), "-lm"], check=True,
+        subprocess.run([compiler, *flags, *map(str, sources), "-o", str(out), "-lmvec", "-lm"], check=True,
                        capture_output=True, text=True)
         os.replace(out, target)  # atomic: concurrent first runs each publish a whole file
     return target
@@ -144,3 +149,23 @@ def rotary_(x: torch.Tensor, positions: torch.Tensor, cos_cache: torch.Tensor, s
     num_tokens, num_heads, head_dim = x.shape
     kernels().rotary(x.data_ptr(), x.stride(0), num_tokens, num_heads, head_dim, positions.data_ptr(),
                      cos_cache.data_ptr(), sin_cache.data_ptr())
+
+
+def paged_attention(
+    q: torch.Tensor,  # [num_tokens, num_heads, head_dim], heads contiguous within a token
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim] contiguous
+    v_cache: torch.Tensor,
+    seq_ids: torch.Tensor,  # [n] int64: the sequences to attend (their rows of `out` are written)
+    query_start_loc: torch.Tensor,  # [num_seqs + 1] int64
+    seq_lens: torch.Tensor,  # [num_seqs] int64
+    block_table: torch.Tensor,  # [num_seqs, max_blocks] int64
+    scale: float,
+    sliding_window: int | None,
+    out: torch.Tensor,  # [num_tokens, num_heads, head_dim] contiguous
+) -> None:
+    num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
+    kernels().paged_attention(
+        q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), block_size, q.shape[1], num_kv_heads,
+        head_dim, seq_ids.data_ptr(), seq_ids.numel(), query_start_loc.data_ptr(), seq_lens.data_ptr(),
+        block_table.data_ptr(), block_table.shape[1], scale, sliding_window or 0, out.data_ptr(),
+        torch.get_num_threads())

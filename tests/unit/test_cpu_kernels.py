@@ -1,13 +1,15 @@
 """Ember's C kernels for the CPU path (ember/ops/csrc) against PyTorch references: the 4-/8-bit matmuls at
-every tile shape (rows 1..9, a partial column group), the fused RMSNorm (with residual, strided rows), SiLU-mul
-and in-place rotary. Each runs twice: the build for this CPU (AVX-512 here) and the portable C build
+every tile shape (rows 1..9, a partial column group), the fused RMSNorm (with residual, strided rows), SiLU-mul,
+in-place rotary and paged attention for short queries (GQA, sliding window, mixed with a prefill). Each runs twice: the build for this CPU (AVX-512 here) and the portable C build
 (-mno-avx512f: what a machine without AVX-512 compiles). Float32 throughout: only summation order differs."""
 import pytest
 import torch
 import torch.nn.functional as F
 
+from ember.layers.attention import Attention, AttentionMetadata
 from ember.layers.rotary import RotaryEmbedding, _rotate
 from ember.ops import cpu_kernels
+from ember.ops.attention import paged_attention
 from ember.ops.linear import Int4Weight, Int8Weight
 
 BUILDS = {"native": cpu_kernels.FLAGS, "portable": [*cpu_kernels.FLAGS, "-mno-avx512f"]}
@@ -105,3 +107,33 @@ def test_without_the_kernels_the_torch_ops_serve(monkeypatch):
     assert not layer.use_kernel and not cpu_kernels.usable(weight)
     x = torch.randn(2, 64, generator=gen(13))
     assert (layer.linear(x, None) - F.linear(x, weight)).abs().max() < 0.1 * F.linear(x, weight).abs().max()
+
+
+@pytest.mark.parametrize("sliding_window", [None, 6])
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(9, 3, 64), (4, 4, 80), (8, 1, 32)])
+def test_attention_layer_matches_the_reference(lib, sliding_window, num_heads, num_kv_heads, head_dim):
+    """A mixed step (decodes, a speculative verification of 5, a prefill chunk past the C kernel's query limit
+    after a prefix) through the layer, against the per-sequence reference, over a shuffled cache; query rows are
+    strided views of a fused projection, as in the model."""
+    torch.manual_seed(0)
+    num_blocks, block_size = 48, 4
+    kv_cache = torch.randn(2, num_blocks, block_size, num_kv_heads, head_dim)
+    q_lens, seq_lens = [1, 5, 1, 20, 1], [1, 12, 30, 26, 9]
+    free = torch.randperm(num_blocks).tolist()
+    block_tables = [[free.pop() for _ in range(-(-n // block_size))] for n in seq_lens]
+    starts = [0]
+    for q_len in q_lens:
+        starts.append(starts[-1] + q_len)
+    slots = [block_tables[s][p // block_size] * block_size + p % block_size
+             for s, (q_len, n) in enumerate(zip(q_lens, seq_lens)) for p in range(n - q_len, n)]
+    metadata = AttentionMetadata(slot_mapping=torch.tensor(slots), query_start_loc=starts, seq_lens=seq_lens,
+                                 block_tables=block_tables)
+    fused = torch.randn(starts[-1], (num_heads + 2 * num_kv_heads) * head_dim)
+    q = fused[:, : num_heads * head_dim].view(-1, num_heads, head_dim)
+    k = fused[:, num_heads * head_dim : (num_heads + num_kv_heads) * head_dim].view(-1, num_kv_heads, head_dim)
+    v = fused[:, (num_heads + num_kv_heads) * head_dim :].view(-1, num_kv_heads, head_dim)
+    layer = Attention(head_dim**-0.5, sliding_window)
+    out = layer(q, k, v, kv_cache, metadata)  # writes this step's K/V, then attends
+    assert metadata.c_kernel_tables().long_seq_ids == [3] and out.is_contiguous()
+    reference = paged_attention(q, kv_cache[0], kv_cache[1], metadata, head_dim**-0.5, sliding_window)
+    torch.testing.assert_close(out, reference, **TOL)
