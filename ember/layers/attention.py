@@ -122,6 +122,7 @@ class Attention(nn.Module):
     """Writes this step's K/V into the layer's paged cache, then attends every new query over its context."""
 
     use_triton = False  # the GPU path's kernel, with PackedAttentionMetadata (set by the runner)
+    use_c_kernels = False  # the CPU path's C kernels, ember/ops/csrc (set by the runner)
 
     def __init__(self, scale: float, sliding_window: int | None, batch_invariant: bool = False):
         super().__init__()
@@ -146,7 +147,7 @@ class Attention(nn.Module):
             m = attn_metadata
             return unified_attention(q, kv_cache[0], kv_cache[1], torch.empty_like(q), m.query_start_loc, m.seq_lens,
                                      m.block_table, m.max_query_len, self.scale, self.sliding_window)
-        if not self.batch_invariant and q.stride(1) == q.shape[2] and cpu_kernels.usable(q, kv_cache):
+        if self.use_c_kernels and not self.batch_invariant and q.stride(1) == q.shape[2]:
             return self._forward_c_kernel(q, kv_cache, attn_metadata)
         if self.batch_invariant or not attn_metadata.decode_seq_ids:
             return paged_attention(q, kv_cache[0], kv_cache[1], attn_metadata, self.scale, self.sliding_window)

@@ -15,6 +15,7 @@ SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 class RotaryEmbedding(nn.Module):
     use_triton = False  # the GPU path's kernel (set by the runner)
+    use_c_kernels = False  # the CPU path's C kernels, ember/ops/csrc (set by the runner)
 
     def __init__(self, head_dim: int, max_position: int, base: float, scaling: dict | None = None):
         super().__init__()
@@ -34,7 +35,7 @@ class RotaryEmbedding(nn.Module):
             from ember.ops.triton_rotary import rotary
 
             return rotary(positions, q, k, self.cos_cache, self.sin_cache)
-        if _heads_contiguous(q) and _heads_contiguous(k) and cpu_kernels.usable(q, k, self.cos_cache):
+        if self.use_c_kernels and _heads_contiguous(q) and _heads_contiguous(k):
             positions = positions.contiguous()
             cpu_kernels.rotary_(q, positions, self.cos_cache, self.sin_cache)  # in place, as the Triton kernel
             cpu_kernels.rotary_(k, positions, self.cos_cache, self.sin_cache)

@@ -11,6 +11,7 @@ import torch
 from ember.config import EngineConfig
 from ember.layers.attention import AttentionMetadata, PackedAttentionMetadata, to_device
 from ember.models.registry import get_model_class
+from ember.ops import cpu_kernels
 from ember.runner.cuda_graphs import DecodeGraphs
 from ember.runner.device import resolve_device, resolve_dtype
 from ember.runner.memory import allocate_kv_cache, num_kv_blocks, profile_num_kv_blocks
@@ -40,10 +41,14 @@ class ModelRunner:
             self.model = model_class(hf_config, dtype=self.dtype, batch_invariant=config.batch_invariant)
         self.model.load_weights(tensors)
         self.model.eval()
-        if self.use_triton:
-            for module in self.model.modules():
-                if hasattr(module, "use_triton"):
-                    module.use_triton = True
+        # The CPU path's C kernels where they apply (float32; built for this CPU, see ember.ops.cpu_kernels)
+        use_c_kernels = not self.use_triton and self.device.type == "cpu" and self.dtype == torch.float32 and (
+            cpu_kernels.kernels() is not None)
+        for module in self.model.modules():
+            if self.use_triton and hasattr(module, "use_triton"):
+                module.use_triton = True
+            if use_c_kernels and hasattr(module, "use_c_kernels"):
+                module.use_c_kernels = True
         if quantize:  # weight-only copies (see Linear.quantize)
             for module in self.model.modules():
                 if hasattr(module, "quantize"):

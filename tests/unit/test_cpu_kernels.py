@@ -87,6 +87,7 @@ def test_silu_and_mul(lib):
 
 def test_rotary_in_place_on_fused_qkv_views(lib):
     rope = RotaryEmbedding(64, 256, 10000.0)
+    rope.use_c_kernels = True  # as the runner sets it
     qkv = torch.randn(5, (9 + 3 + 3) * 64, generator=gen(11))
     q, k = qkv[:, : 9 * 64].view(5, 9, 64), qkv[:, 9 * 64 : 12 * 64].view(5, 3, 64)
     v_before = qkv[:, 12 * 64 :].clone()
@@ -133,7 +134,18 @@ def test_attention_layer_matches_the_reference(lib, sliding_window, num_heads, n
     k = fused[:, num_heads * head_dim : (num_heads + num_kv_heads) * head_dim].view(-1, num_kv_heads, head_dim)
     v = fused[:, (num_heads + num_kv_heads) * head_dim :].view(-1, num_kv_heads, head_dim)
     layer = Attention(head_dim**-0.5, sliding_window)
+    layer.use_c_kernels = True  # as the runner sets it
     out = layer(q, k, v, kv_cache, metadata)  # writes this step's K/V, then attends
     assert metadata.c_kernel_tables().long_seq_ids == [3] and out.is_contiguous()
     reference = paged_attention(q, kv_cache[0], kv_cache[1], metadata, head_dim**-0.5, sliding_window)
     torch.testing.assert_close(out, reference, **TOL)
+
+
+def test_the_runner_turns_the_kernels_on_for_float32_cpu_models():
+    from ember import LLM
+    from ember.layers.norm import RMSNorm
+
+    llm = LLM(progress=False, max_model_len=256, kv_cache_memory_gib=0.05)
+    norms = [m for m in llm.engine.runner.model.modules() if isinstance(m, RMSNorm)]
+    assert norms and all(m.use_c_kernels for m in norms)
+    assert not RMSNorm(8, 1e-6, torch.float32).use_c_kernels  # a bare layer keeps PyTorch's ops (the reference)
