@@ -13,6 +13,8 @@ from ember.layers.embedding import LMHead, VocabEmbedding
 from ember.layers.linear import Linear, copy_checked
 from ember.layers.norm import RMSNorm
 from ember.layers.rotary import RotaryEmbedding
+from ember.models.llama_fused_decode import decode_step, fuse_layer
+from ember.ops import cpu_kernels
 
 # fused parameter's module name -> the HF module names it stacks, in order
 PACKED_MODULES = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
@@ -103,13 +105,28 @@ class LlamaModel(nn.Module):
             for window in _sliding_windows(cfg, num_layers)
         )
         self.norm = RMSNorm(cfg["hidden_size"], cfg.get("rms_norm_eps", 1e-6), dtype)
+        self.fused_layers = None  # the layers as C calls for decode steps (fuse_decode_layers), if they qualify
 
     def forward(self, input_ids, positions, kv_caches, attn_metadata) -> torch.Tensor:
         hidden_states, residual = self.embed_tokens(input_ids), None  # [num_tokens, hidden_size]
-        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            hidden_states, residual = layer(positions, hidden_states, residual, kv_cache, attn_metadata)
+        fused = self.fused_layers and decode_step(positions, attn_metadata, kv_caches[0].shape[2], input_ids.shape[0])
+        if fused:
+            step, _ = fused  # (the second item keeps the step's tensors alive)
+            for layer, kv_cache in zip(self.fused_layers, kv_caches, strict=True):
+                step.k_cache, step.v_cache = kv_cache[0].data_ptr(), kv_cache[1].data_ptr()
+                hidden_states, residual = cpu_kernels.decoder_layer(layer, step, hidden_states, residual)
+        else:
+            for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+                hidden_states, residual = layer(positions, hidden_states, residual, kv_cache, attn_metadata)
         hidden_states, _ = self.norm(hidden_states, residual)
         return hidden_states
+
+    def fuse_decode_layers(self) -> bool:
+        """After quantization, with the C kernels on: decode steps run each layer as one C call. False (and
+        nothing changes) unless every layer qualifies (see models/llama_fused_decode.py)."""
+        fused = [fuse_layer(layer) for layer in self.layers]
+        self.fused_layers = fused if all(f is not None for f in fused) else None
+        return self.fused_layers is not None
 
 
 class LlamaForCausalLM(nn.Module):
@@ -137,6 +154,9 @@ class LlamaForCausalLM(nn.Module):
         self.model = LlamaModel(cfg, qkv_bias, self.use_qk_norm, dtype, batch_invariant)
         tied_to = self.model.embed_tokens if self.tie_word_embeddings else None
         self.lm_head = LMHead(cfg["hidden_size"], self.vocab_size, dtype, tied_to, batch_invariant)
+
+    def fuse_decode_layers(self) -> bool:
+        return self.model.fuse_decode_layers()
 
     def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
         return (2, num_blocks, block_size, self.num_kv_heads, self.head_dim)  # K at index 0, V at 1

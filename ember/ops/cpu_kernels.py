@@ -20,7 +20,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("qlinear.c", "pointwise.c", "attention.c")
+SOURCES = ("qlinear.c", "pointwise.c", "attention.c", "decode_layer.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC"]
 
 _P, _I64, _INT, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
@@ -31,6 +31,7 @@ SIGNATURES = {
     "silu_and_mul": [_P, _P, _I64, _I64, _INT],
     "rotary": [_P, _I64, _I64, _I64, _I64, _P, _P, _P],
     "paged_attention": [_P, _I64, _P, _P, _I64, _I64, _I64, _I64, _P, _I64, _P, _P, _P, _I64, _F, _I64, _P, _INT],
+    "decoder_layer": [_P, _P, _P, _P, _P, _P, _INT],
 }
 
 # Queries per sequence up to which the C attention kernel serves (decode, speculative verification); longer
@@ -169,3 +170,31 @@ def paged_attention(
         head_dim, seq_ids.data_ptr(), seq_ids.numel(), query_start_loc.data_ptr(), seq_lens.data_ptr(),
         block_table.data_ptr(), block_table.shape[1], scale, sliding_window or 0, out.data_ptr(),
         torch.get_num_threads())
+
+
+# decode_layer.c's structs, field for field
+class Q4Linear(ctypes.Structure):
+    _fields_ = [("qs", _P), ("d", _P), ("m", _P), ("bias", _P), ("out_features", _I64), ("in_features", _I64)]
+
+
+class DecoderLayer(ctypes.Structure):
+    _fields_ = [("hidden", _I64), ("num_heads", _I64), ("num_kv_heads", _I64), ("head_dim", _I64),
+                ("intermediate", _I64), ("eps", _F), ("scale", _F), ("window", _I64),
+                ("input_norm", _P), ("post_norm", _P), ("q_norm", _P), ("k_norm", _P),
+                ("qkv", Q4Linear), ("o", Q4Linear), ("gate_up", Q4Linear), ("down", Q4Linear),
+                ("cos_cache", _P), ("sin_cache", _P)]
+
+
+class DecodeStep(ctypes.Structure):
+    _fields_ = [("num_tokens", _I64), ("positions", _P), ("slots", _P), ("k_cache", _P), ("v_cache", _P),
+                ("block_size", _I64), ("seq_ids", _P), ("query_start_loc", _P), ("seq_lens", _P), ("block_table", _P),
+                ("num_seqs", _I64), ("max_blocks", _I64)]
+
+
+def decoder_layer(layer: DecoderLayer, step: DecodeStep, hidden: torch.Tensor, residual: torch.Tensor | None):
+    """(hidden_out, residual_out) of one decoder layer; hidden [T, H] float32 contiguous."""
+    hidden_out, residual_out = torch.empty_like(hidden), torch.empty_like(hidden)
+    kernels().decoder_layer(ctypes.byref(layer), ctypes.byref(step), hidden.data_ptr(),
+                            None if residual is None else residual.data_ptr(), hidden_out.data_ptr(),
+                            residual_out.data_ptr(), torch.get_num_threads())
+    return hidden_out, residual_out

@@ -53,6 +53,8 @@ class ModelRunner:
             for module in self.model.modules():
                 if hasattr(module, "quantize"):
                     module.quantize(quantize)
+            if use_c_kernels and hasattr(self.model, "fuse_decode_layers"):
+                self.model.fuse_decode_layers()  # decode steps: a C call per layer
         bytes_per_block = (2 * self.model.num_layers * self.model.num_kv_heads * self.model.head_dim
                            * self.dtype.itemsize * self.block_size)
         if self.device.type == "cuda" and config.cache.num_kv_blocks is None and profile_kv_memory:
