@@ -139,16 +139,21 @@ def test_supersede_cancels_the_older_request(server, base_url):
     superseded_before = server.metric("ember:completion_superseded_total")
     body = {"model": MODEL_NAME, "prompt": PREFIX, "suffix": "\n", "max_tokens": 300, "temperature": 0, "stream": True, "ignore_eos": True}
     events: list = []
+    streaming = threading.Event()
 
     def read_first():
         with httpx.stream("POST", base_url + "/v1/completions", json=body, headers={SESSION: "editor-1"}, timeout=120) as r:
-            events.extend(sse_events(r))
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    payload = line[len("data: "):]
+                    events.append(payload if payload == "[DONE]" else json.loads(payload))
+                    streaming.set()
 
     reader = threading.Thread(target=read_first)
     reader.start()
-    deadline = time.monotonic() + 60
-    while server.metric("ember:num_requests_running") < 1 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    # Its first chunk, not the running-requests gauge (an earlier test's request may still be leaving the
+    # engine): the newer request must arrive after the older one is the session's.
+    assert streaming.wait(60)
     newer = httpx.post(base_url + "/v1/completions", json={**body, "prompt": "import os\n", "stream": False, "max_tokens": 4},
                        headers={SESSION: "editor-1"}, timeout=120).json()
     reader.join(timeout=60)
