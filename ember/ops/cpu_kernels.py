@@ -57,7 +57,7 @@ def build(compiler: str, flags: list[str] = FLAGS) -> Path:
     src_dir = Path(__file__).parent / "csrc"
     sources = [src_dir / name for name in SOURCES]
     key = hashlib.sha256()
-    for part in [compiler, *flags, _cpu_id(), *(s.read_text() for s in sources)]:
+    for part in [compiler, *flags, _cpu_id(), *(s.read_text() for s in sorted(src_dir.glob("*.[ch]")))]:
         key.update(part.encode())
     target = cache_dir() / f"ember_cpu_{key.hexdigest()[:16]}.so"
     if target.exists():
@@ -66,7 +66,8 @@ def build(compiler: str, flags: list[str] = FLAGS) -> Path:
     log.info("compiling Ember's CPU kernels into %s", target)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
-        subprocess.run([compiler, *flags, *map(str, sources), "-o", str(out), "-lmvec", "-lm"], check=True,
+        libs = ["-lmvec", "-lm"] if platform.machine() == "x86_64" else ["-lm"]  # libmvec: vector expf (vector_math.h)
+        subprocess.run([compiler, *flags, *map(str, sources), "-o", str(out), *libs], check=True,
                        capture_output=True, text=True)
         os.replace(out, target)  # atomic: concurrent first runs each publish a whole file
     return target

@@ -2,14 +2,10 @@
 // no gather of the context into a padded copy, no mask tensor. float32; two passes per query and head
 // (scores, then softmax-weighted values), the query heads that share a KV head together so each key and
 // value row is read once. Sequences are independent: a result does not depend on the rest of the batch.
-#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 
-#if defined(__x86_64__) && defined(__GLIBC__)
-// glibc's vector expf (libmvec), which math.h only declares under -ffast-math: lets the softmax loop vectorise.
-__attribute__((__simd__("notinbranch"))) extern float expf(float);
-#endif
+#include "vector_math.h"
 
 #define MAX_GROUP 8  // query heads per KV head handled at once
 

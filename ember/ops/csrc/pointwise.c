@@ -1,8 +1,9 @@
 // The decode step's small float32 ops, one call each instead of PyTorch's several (a decode step of a
 // small model is bound by per-op overhead). Rows are independent; each matches its torch counterpart in
 // ember/layers to float32 rounding (summation order differs).
-#include <math.h>
 #include <stdint.h>
+
+#include "vector_math.h"
 
 // out = weight * x / sqrt(mean(x^2) + eps) per row of H; with residual (non-NULL): the row is x + residual,
 // also written to residual_out. Rows at x + row * x_stride (contiguous within a row).
@@ -32,7 +33,7 @@ void rms_norm(const float* x, int64_t x_stride, const float* residual, float* re
 // out[r] = silu(x[r][:d]) * x[r][d:]
 void silu_and_mul(const float* x, float* out, int64_t M, int64_t d, int num_threads)
 {
-#pragma omp parallel for num_threads(num_threads) schedule(static) if (M * d >= 65536)
+#pragma omp parallel for num_threads(num_threads) schedule(static) if (M * d >= 16384)
     for (int64_t r = 0; r < M; r++) {
         const float* gate = x + r * 2 * d;
         const float* up = gate + d;
