@@ -13,7 +13,7 @@ class ModelConfig:
     max_model_len: int | None = None  # None: the model's own context length
     device: str = "auto"  # auto | cpu | cuda | cuda:N; auto: cuda when PyTorch sees a GPU
     seed: int = 0
-    # Weight-only copies: int4 (CPU, batches up to 8 rows), int8 (CPU: up to 8 rows; GPU: every batch);
+    # Weight-only copies: int4 (CPU, batches up to 16 rows), int8 (CPU: up to 16 rows; GPU: every batch);
     # auto: int4 on a CPU / int8 on a GPU when the GGUF file's weights are 4-bit or less
     quantize: str = "auto"  # auto | int4 | int8 | none
 

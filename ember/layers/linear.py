@@ -6,7 +6,7 @@ path (`use_triton`) an int8 weight that replaces the plain one for every batch s
 import torch
 from torch import nn
 
-from ember.ops.linear import (INT4_GROUP_SIZE, QUANTIZED_MAX_ROWS, Int4Weight, Int8Weight, PrepackedWeight, can_prepack,
+from ember.ops.linear import (INT4_GROUP_SIZE, Int4Weight, Int8Weight, PrepackedWeight, can_prepack,
                               linear)
 
 
@@ -64,11 +64,11 @@ class Linear(nn.Module):
 
 
 def quantized_or_dense(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """The quantized copy (`module.quantized`, if any) for up to QUANTIZED_MAX_ROWS rows, else the prepacked
+    """The quantized copy (`module.quantized`, if any) for up to its `max_rows` rows, else the prepacked
     weight that replaced the plain one (`module.prepacked`), else the plain dense GEMM. Batch-invariant mode
     on a CPU keeps the dense path, whose results the tests compare bitwise."""
     quantized = getattr(module, "quantized", None)
-    if quantized is not None and not module.batch_invariant and x.shape[0] <= QUANTIZED_MAX_ROWS:
+    if quantized is not None and not module.batch_invariant and x.shape[0] <= quantized.max_rows:
         return quantized.linear(x, bias)
     prepacked = getattr(module, "prepacked", None)
     if prepacked is not None:

@@ -29,10 +29,13 @@ def linear(
 
 # Weight-only kernels read 4 or 8 bits a weight instead of float32's 32. Ember's C kernels (float32
 # activations) dequantize a block once for a tile of rows; PyTorch's packed ones, the fallback, want bfloat16
-# activations and re-read the weight per row. Past ~8 rows oneDNN's float32 GEMM on a prepacked weight wins
-# either way (measured on this model's shapes; see benchmarks/NOTES.md). Each output row is independent of the
-# other rows in both.
-QUANTIZED_MAX_ROWS = 8
+# activations and re-read the weight per row. Past ~8 rows oneDNN's float32 GEMM on a prepacked weight is the
+# faster matmul, but up to 16 rows the quantized path still wins end to end: it lets decode steps run each
+# layer as one C call (models/llama_fused_decode.py), which saves more than the matmuls lose (16 sequences:
+# 166-180 -> 197-251 tok/s; at 32 rows it no longer pays; see benchmarks/NOTES.md). Each output row is
+# independent of the other rows in both. PyTorch's kernels cost a row's time per row: 8 for them.
+QUANTIZED_MAX_ROWS = 16
+TORCH_QUANTIZED_MAX_ROWS = 8
 INT4_GROUP_SIZE = 32  # GGUF's block size: a Q4_0 / Q4_1 block is one group
 
 
@@ -51,6 +54,7 @@ class Int4Weight:
         w_min, w_max = groups.amin(-1), groups.amax(-1)  # [out, in // group]; torch.aminmax is ~4x slower here
         scale = ((w_max - w_min) / 15).clamp(min=1e-12)
         self.use_kernel = cpu_kernels.usable(weight)
+        self.max_rows = QUANTIZED_MAX_ROWS if self.use_kernel else TORCH_QUANTIZED_MAX_ROWS
         if self.use_kernel:  # d and m rounded to float16 (a GGUF block's own), q computed against them
             scale, w_min = scale.half().clamp_(min=2**-24).float(), w_min.half().float()
             self.d, self.m = scale.contiguous(), w_min.contiguous()
@@ -81,6 +85,7 @@ class Int8Weight:
         scale = (torch.maximum(-weight.float().amin(1), weight.float().amax(1)) / 127).clamp(min=1e-12)  # [out]
         self.weight = (weight.float() / scale[:, None]).round_().clamp_(-127, 127).to(torch.int8)
         self.use_kernel = cpu_kernels.usable(weight) and weight.shape[1] % 32 == 0
+        self.max_rows = QUANTIZED_MAX_ROWS if self.use_kernel else TORCH_QUANTIZED_MAX_ROWS
         self.scales = scale if self.use_kernel else scale.to(torch.bfloat16)
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
