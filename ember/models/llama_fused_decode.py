@@ -45,6 +45,8 @@ def decode_step(positions: torch.Tensor, attn_metadata: AttentionMetadata, block
     None when the step does not qualify (too many rows, or a prefill chunk among the sequences)."""
     if num_tokens > QUANTIZED_MAX_ROWS or not isinstance(attn_metadata, AttentionMetadata):
         return None
+    if positions.dtype != torch.long or attn_metadata.slot_mapping.dtype != torch.long:  # read as int64_t
+        return None
     tables = attn_metadata.c_kernel_tables()
     if tables.long_seq_ids:
         return None
