@@ -2,7 +2,8 @@
 for the torch reference path (CPU), or as device tensors for the one-launch Triton kernel (GPU path)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import nn
@@ -17,58 +18,70 @@ class AttentionMetadata:
 
     A sequence's new tokens are the last q_len positions of its context (positions seq_len - q_len ... seq_len - 1),
     which covers prefill, chunked prefill, prefill after a prefix-cache hit, decode and speculative verification.
-    Build a new one per step: the derived tensors are computed once, at construction.
+    Build a new one per step: each derived table is computed on first use (the torch path's and the C kernel's
+    read different ones) and then shared by the layers.
     """
 
     slot_mapping: torch.Tensor  # [num_tokens] int64: flat cache slot (block_id * block_size + offset) of each new token
     query_start_loc: list[int]  # [num_seqs + 1] offsets of each sequence's new tokens in the flattened batch
     seq_lens: list[int]  # [num_seqs] context length of each sequence, including this step's new tokens
     block_tables: list[list[int]]  # [num_seqs] each sequence's KV block ids, in order (covering seq_lens)
-    block_table_tensors: list[torch.Tensor] = field(init=False, repr=False)  # block_tables on slot_mapping's device
-    # Sequences with one new token (decodes), attended in one batched call outside batch-invariant mode.
-    decode_seq_ids: list[int] = field(init=False, repr=False)
-    other_seq_ids: list[int] = field(init=False, repr=False)
-    decode_rows: torch.Tensor = field(init=False, repr=False)  # [num_decodes] their rows in the flattened batch
-    decode_block_table: torch.Tensor = field(init=False, repr=False)  # [num_decodes, max_blocks], padded with 0
-    decode_seq_lens: torch.Tensor = field(init=False, repr=False)  # [num_decodes]
-    _decode_attn_bias: torch.Tensor | None = field(init=False, repr=False, default=None)
-    _c_kernel_tables: "CKernelTables | None" = field(init=False, repr=False, default=None)
 
-    def __post_init__(self) -> None:
-        device = self.slot_mapping.device
-        self.block_table_tensors = [torch.tensor(b, dtype=torch.long, device=device) for b in self.block_tables]
+    def _long(self, values: list) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=self.slot_mapping.device)
+
+    def _seqs_where(self, keep) -> list[int]:  # sequences whose number of new tokens satisfies keep(q_len)
         starts = self.query_start_loc
-        self.decode_seq_ids = [i for i in range(self.num_seqs) if starts[i + 1] - starts[i] == 1]
-        self.other_seq_ids = [i for i in range(self.num_seqs) if starts[i + 1] - starts[i] != 1]
-        self.decode_rows = torch.tensor([starts[i] for i in self.decode_seq_ids], dtype=torch.long, device=device)
-        max_blocks = max((len(self.block_tables[i]) for i in self.decode_seq_ids), default=0)
-        self.decode_block_table = torch.tensor(
-            [self.block_tables[i] + [0] * (max_blocks - len(self.block_tables[i])) for i in self.decode_seq_ids],
-            dtype=torch.long, device=device,
-        ).view(len(self.decode_seq_ids), max_blocks)
-        self.decode_seq_lens = torch.tensor([self.seq_lens[i] for i in self.decode_seq_ids], dtype=torch.long, device=device)
+        return [i for i in range(self.num_seqs) if keep(starts[i + 1] - starts[i])]
+
+    @cached_property
+    def block_table_tensors(self) -> list[torch.Tensor]:  # block_tables on slot_mapping's device
+        return [self._long(b) for b in self.block_tables]
+
+    # Sequences with one new token (decodes), attended in one batched call by the torch path outside
+    # batch-invariant mode.
+    @cached_property
+    def decode_seq_ids(self) -> list[int]:
+        return self._seqs_where(lambda q_len: q_len == 1)
+
+    @cached_property
+    def other_seq_ids(self) -> list[int]:
+        return self._seqs_where(lambda q_len: q_len != 1)
+
+    @cached_property
+    def decode_rows(self) -> torch.Tensor:  # [num_decodes] their rows in the flattened batch
+        return self._long([self.query_start_loc[i] for i in self.decode_seq_ids])
+
+    @cached_property
+    def decode_block_table(self) -> torch.Tensor:  # [num_decodes, max_blocks], padded with 0
+        rows = padded([self.block_tables[i] for i in self.decode_seq_ids])
+        return self._long(rows).view(len(rows), len(rows[0]) if rows else 0)
+
+    @cached_property
+    def decode_seq_lens(self) -> torch.Tensor:  # [num_decodes]
+        return self._long([self.seq_lens[i] for i in self.decode_seq_ids])
 
     def decode_attn_bias(self, block_size: int) -> torch.Tensor:
         """The decode rows' attention mask as an additive bias, built once per step and shared by the layers."""
-        if self._decode_attn_bias is None:
+        bias = getattr(self, "_decode_attn_bias", None)
+        if bias is None:
             max_len = self.decode_block_table.shape[1] * block_size
-            self._decode_attn_bias = decode_attn_bias(self.decode_seq_lens, max_len)
-        return self._decode_attn_bias
+            bias = self._decode_attn_bias = decode_attn_bias(self.decode_seq_lens, max_len)
+        return bias
 
     def c_kernel_tables(self) -> "CKernelTables":
-        """The step as the C attention kernel reads it, built once per step and shared by the layers."""
-        if self._c_kernel_tables is None:
-            starts = self.query_start_loc
-            short = [i for i in range(self.num_seqs) if starts[i + 1] - starts[i] <= cpu_kernels.ATTENTION_MAX_QUERY]
-            max_blocks = max(len(b) for b in self.block_tables)
-            self._c_kernel_tables = CKernelTables(
-                short_seq_ids=torch.tensor(short, dtype=torch.long),
-                long_seq_ids=[i for i in range(self.num_seqs) if starts[i + 1] - starts[i] > cpu_kernels.ATTENTION_MAX_QUERY],
-                query_start_loc=torch.tensor(starts, dtype=torch.long),
+        """The step as the C attention kernel reads it (host tensors), built once per step and shared by the layers."""
+        tables = getattr(self, "_c_kernel_tables", None)
+        if tables is None:
+            limit = cpu_kernels.ATTENTION_MAX_QUERY
+            tables = self._c_kernel_tables = CKernelTables(
+                short_seq_ids=torch.tensor(self._seqs_where(lambda q_len: q_len <= limit), dtype=torch.long),
+                long_seq_ids=self._seqs_where(lambda q_len: q_len > limit),
+                query_start_loc=torch.tensor(self.query_start_loc, dtype=torch.long),
                 seq_lens=torch.tensor(self.seq_lens, dtype=torch.long),
-                block_table=torch.tensor([b + [0] * (max_blocks - len(b)) for b in self.block_tables], dtype=torch.long),
+                block_table=torch.tensor(padded(self.block_tables), dtype=torch.long),
             )
-        return self._c_kernel_tables
+        return tables
 
     @property
     def num_seqs(self) -> int:
@@ -99,15 +112,19 @@ class PackedAttentionMetadata:
     @staticmethod
     def build(slots: list[int], query_start_loc: list[int], seq_lens: list[int], block_tables: list[list[int]],
               device: torch.device) -> "PackedAttentionMetadata":
-        max_blocks = max(len(b) for b in block_tables)
-        padded = [b + [0] * (max_blocks - len(b)) for b in block_tables]
         return PackedAttentionMetadata(
             slot_mapping=to_device(slots, torch.long, device),
             query_start_loc=to_device(query_start_loc, torch.int32, device),
             seq_lens=to_device(seq_lens, torch.int32, device),
-            block_table=to_device(padded, torch.int32, device),
+            block_table=to_device(padded(block_tables), torch.int32, device),
             max_query_len=max(b - a for a, b in zip(query_start_loc, query_start_loc[1:])),
         )
+
+
+def padded(block_tables: list[list[int]]) -> list[list[int]]:
+    """Rows padded with block 0 (a valid id, never read for a position past seq_len) to the longest."""
+    width = max((len(b) for b in block_tables), default=0)
+    return [b + [0] * (width - len(b)) for b in block_tables]
 
 
 def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
