@@ -42,6 +42,14 @@ static inline void axpy(float w, const float* x, float* y, int64_t n)  // y += w
     for (int64_t e = 0; e < n; e++) y[e] += w * x[e];
 }
 
+// Positions p.. of a sequence that lie in one cache block (at most up to end): their count, and p's flat slot.
+static inline int64_t block_run(const int64_t* blocks, int64_t block_size, int64_t p, int64_t end, int64_t* slot)
+{
+    const int64_t offset = p % block_size;
+    *slot = blocks[p / block_size] * block_size + offset;
+    return block_size - offset < end - p ? block_size - offset : end - p;
+}
+
 // Query i of a sequence with q_len new tokens and seq_len positions sits at position seq_len - q_len + i and
 // sees keys at positions p <= it (and p > it - window when window > 0).
 void paged_attention(const float* q, int64_t q_token_stride, const float* k_cache, const float* v_cache,
@@ -76,14 +84,12 @@ void paged_attention(const float* q, int64_t q_token_stride, const float* k_cach
                         const int64_t hn = group - h0 < MAX_GROUP ? group - h0 : MAX_GROUP;
                         const float* qh = q + (start + i) * q_token_stride + (g * group + h0) * head_dim;
                         float* o = out + ((start + i) * num_heads + g * group + h0) * head_dim;
-                        for (int64_t p = first, j = 0; p <= pos; j++) {  // scores, a block at a time
-                            const float* kp = k_cache + (blocks[p / block_size] * block_size + p % block_size) * slot_stride
-                                              + g * head_dim;
-                            const int64_t run = block_size - p % block_size < pos + 1 - p ? block_size - p % block_size : pos + 1 - p;
+                        for (int64_t p = first, slot, run; p <= pos; p += run) {  // scores, a block at a time
+                            run = block_run(blocks, block_size, p, pos + 1, &slot);
+                            const float* kp = k_cache + slot * slot_stride + g * head_dim;
                             for (int64_t r = 0; r < run; r++, kp += slot_stride)
                                 for (int64_t h = 0; h < hn; h++)
-                                    scores[h * n + j + r] = dot(qh + h * head_dim, kp, head_dim) * scale;
-                            p += run, j += run - 1;
+                                    scores[h * n + p - first + r] = dot(qh + h * head_dim, kp, head_dim) * scale;
                         }
                         float sums[MAX_GROUP];
                         for (int64_t h = 0; h < hn; h++) {  // softmax numerators
@@ -97,13 +103,12 @@ void paged_attention(const float* q, int64_t q_token_stride, const float* k_cach
                             sums[h] = sum;
                         }
                         for (int64_t e = 0; e < hn * head_dim; e++) o[e] = 0.0f;
-                        for (int64_t p = first, j = 0; p <= pos; j++) {  // weighted values, a block at a time
-                            const float* vp = v_cache + (blocks[p / block_size] * block_size + p % block_size) * slot_stride
-                                              + g * head_dim;
-                            const int64_t run = block_size - p % block_size < pos + 1 - p ? block_size - p % block_size : pos + 1 - p;
+                        for (int64_t p = first, slot, run; p <= pos; p += run) {  // weighted values, a block at a time
+                            run = block_run(blocks, block_size, p, pos + 1, &slot);
+                            const float* vp = v_cache + slot * slot_stride + g * head_dim;
                             for (int64_t r = 0; r < run; r++, vp += slot_stride)
-                                for (int64_t h = 0; h < hn; h++) axpy(scores[h * n + j + r], vp, o + h * head_dim, head_dim);
-                            p += run, j += run - 1;
+                                for (int64_t h = 0; h < hn; h++)
+                                    axpy(scores[h * n + p - first + r], vp, o + h * head_dim, head_dim);
                         }
                         for (int64_t h = 0; h < hn; h++) {
                             const float inv = 1.0f / sums[h];
