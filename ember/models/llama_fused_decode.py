@@ -8,16 +8,16 @@ import torch
 
 from ember.layers.attention import AttentionMetadata
 from ember.ops import cpu_kernels
-from ember.ops.linear import QUANTIZED_MAX_ROWS, Int4Weight
+from ember.ops.linear import KERNEL_COLUMN_GROUP, QUANTIZED_MAX_ROWS, Int4Weight
 
 
 def _q4(linear) -> cpu_kernels.Q4Linear | None:
     weight = getattr(linear, "quantized", None)
-    if not isinstance(weight, Int4Weight) or not weight.use_kernel:
-        return None
+    if not isinstance(weight, Int4Weight) or not weight.use_kernel or weight.out_features % KERNEL_COLUMN_GROUP:
+        return None  # (the C layer writes each projection's exact width: no padded columns)
     bias = linear.bias
     return cpu_kernels.Q4Linear(weight.qs.data_ptr(), weight.d.data_ptr(), weight.m.data_ptr(),
-                                None if bias is None else bias.data_ptr(), weight.qs.shape[0], weight.qs.shape[1] * 2)
+                                None if bias is None else bias.data_ptr(), weight.out_features, weight.in_features)
 
 
 def fuse_layer(layer) -> cpu_kernels.DecoderLayer | None:

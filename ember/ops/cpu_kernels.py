@@ -105,19 +105,22 @@ def usable(*tensors: torch.Tensor) -> bool:
 
 
 def q4_linear(x: torch.Tensor, qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """x [M, K] float32 (contiguous) times a 4-bit weight (qs [N, K/2] uint8, d and m [N, K/32] float32) -> [M, N]."""
+    """x [M, K] float32 (contiguous) times a 4-bit weight in qlinear.c's layout (qs [N/16, K/32, 16, 16] uint8,
+    d and m [N/16, K/32, 16] float32) -> [M, N]."""
     num_rows, in_features = x.shape
-    out = x.new_empty(num_rows, qs.shape[0])
-    kernels().q4_linear(x.data_ptr(), num_rows, in_features, qs.data_ptr(), d.data_ptr(), m.data_ptr(), qs.shape[0],
+    out_features = qs.shape[0] * 16
+    out = x.new_empty(num_rows, out_features)
+    kernels().q4_linear(x.data_ptr(), num_rows, in_features, qs.data_ptr(), d.data_ptr(), m.data_ptr(), out_features,
                         out.data_ptr(), torch.get_num_threads())
     return out
 
 
 def q8_linear(x: torch.Tensor, qs: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x [M, K] float32 (contiguous) times an int8 weight (qs [N, K], per-row float32 scale [N]) -> [M, N]."""
+    """x [M, K] float32 (contiguous) times an int8 weight in qlinear.c's layout (qs [N/16, K, 16], a float32
+    scale per output column [N]) -> [M, N]."""
     num_rows, in_features = x.shape
-    out = x.new_empty(num_rows, qs.shape[0])
-    kernels().q8_linear(x.data_ptr(), num_rows, in_features, qs.data_ptr(), scale.data_ptr(), qs.shape[0],
+    out = x.new_empty(num_rows, qs.shape[0] * 16)
+    kernels().q8_linear(x.data_ptr(), num_rows, in_features, qs.data_ptr(), scale.data_ptr(), qs.shape[0] * 16,
                         out.data_ptr(), torch.get_num_threads())
     return out
 

@@ -28,41 +28,61 @@ def linear(
 
 
 # Weight-only kernels read 4 or 8 bits a weight instead of float32's 32. Ember's C kernels (float32
-# activations) dequantize a block once for a tile of rows; PyTorch's packed ones, the fallback, want bfloat16
-# activations and re-read the weight per row. Past ~8 rows oneDNN's float32 GEMM on a prepacked weight is the
-# faster matmul, but up to 16 rows the quantized path still wins end to end: it lets decode steps run each
-# layer as one C call (models/llama_fused_decode.py), which saves more than the matmuls lose (16 sequences:
-# 166-180 -> 197-251 tok/s; at 32 rows it no longer pays; see benchmarks/NOTES.md). Each output row is
-# independent of the other rows in both. PyTorch's kernels cost a row's time per row: 8 for them.
-QUANTIZED_MAX_ROWS = 16
+# activations) dequantize a block once for a tile of rows (up to 4 rows) or into a panel in cache that a
+# register tile sweeps over the rows (more rows); PyTorch's packed ones, the fallback, want bfloat16
+# activations and re-read the weight per row. Up to 64 rows the C kernel runs within ~10% of oneDNN's float32
+# GEMM on a prepacked weight (faster up to ~32), and the quantized path lets decode steps run each layer as
+# one C call (models/llama_fused_decode.py), which saves more than that: 32 sequences x 128 tokens 268 -> 348
+# tok/s against the 16-row limit before (benchmarks/NOTES.md). Past 64 rows (prompts) oneDNN's GEMM is
+# ~1.3x faster. Each output row is independent of the other rows in both. PyTorch's kernels cost a row's
+# time per row: 8 for them.
+QUANTIZED_MAX_ROWS = 64
 TORCH_QUANTIZED_MAX_ROWS = 8
 INT4_GROUP_SIZE = 32  # GGUF's block size: a Q4_0 / Q4_1 block is one group
+
+
+KERNEL_COLUMN_GROUP = 16  # the C kernels store the weight in groups of 16 output columns (qlinear.c)
+
+
+def _padded_rows(t: torch.Tensor, multiple: int) -> torch.Tensor:
+    """t with zero rows appended up to a multiple of `multiple` rows."""
+    pad = -t.shape[0] % multiple
+    return t if not pad else torch.cat([t, t.new_zeros(pad, *t.shape[1:])])
+
+
+def _column_groups(t: torch.Tensor) -> torch.Tensor:
+    """[N, ...] (N a multiple of 16) -> [N / 16, ..., 16]: each group's 16 columns innermost."""
+    groups = t.view(t.shape[0] // KERNEL_COLUMN_GROUP, KERNEL_COLUMN_GROUP, *t.shape[1:])
+    return groups.movedim(1, -1).contiguous()
 
 
 class Int4Weight:
     """Asymmetric min-max int4 per group of 32 inputs: w = d * q + m, q in 0..15.
 
     For a GGUF Q4_1 weight (w = d * q + m, each block spanning q = 0..15, as llama.cpp quantizes it) this
-    recovers q, d and m. Stored for Ember's C kernel (d and m float16 values held as float32, GGUF's nibble order) or, without it,
-    for `torch.ops.aten._weight_int4pack_mm_for_cpu`, which computes (q - 8) * scale + zero: scale = d,
-    zero = m + 8d, in bfloat16.
+    recovers q, d and m. Stored for Ember's C kernel (d and m float16 values held as float32, in groups of 16
+    columns: qlinear.c's layout) or, without it, for `torch.ops.aten._weight_int4pack_mm_for_cpu`, which
+    computes (q - 8) * scale + zero: scale = d, zero = m + 8d, in bfloat16.
     """
 
     def __init__(self, weight: torch.Tensor):  # [out_features, in_features]
-        out_features, in_features = weight.shape
-        groups = weight.float().view(out_features, in_features // INT4_GROUP_SIZE, INT4_GROUP_SIZE)
+        self.out_features, self.in_features = out_features, in_features = weight.shape
+        self.use_kernel = cpu_kernels.usable(weight)
+        if self.use_kernel:
+            weight = _padded_rows(weight, KERNEL_COLUMN_GROUP)
+        rows = weight.shape[0]
+        groups = weight.float().view(rows, in_features // INT4_GROUP_SIZE, INT4_GROUP_SIZE)
         w_min, w_max = groups.amin(-1), groups.amax(-1)  # [out, in // group]; torch.aminmax is ~4x slower here
         scale = ((w_max - w_min) / 15).clamp(min=1e-12)
-        self.use_kernel = cpu_kernels.usable(weight)
         self.max_rows = QUANTIZED_MAX_ROWS if self.use_kernel else TORCH_QUANTIZED_MAX_ROWS
         if self.use_kernel:  # d and m rounded to float16 (a GGUF block's own), q computed against them
             scale, w_min = scale.half().clamp_(min=2**-24).float(), w_min.half().float()
-            self.d, self.m = scale.contiguous(), w_min.contiguous()
+            self.d, self.m = _column_groups(scale), _column_groups(w_min)  # [N / 16, K / 32, 16]
         # One temporary, then in place: each fresh full-size tensor costs start-up time in page faults.
         q = (groups - w_min[..., None]).div_(scale[..., None]).round_().clamp_(0, 15).to(torch.uint8)
-        if self.use_kernel:
+        if self.use_kernel:  # byte (j, c) of a block: column c's input j (low nibble) and j + 16 (high)
             half = INT4_GROUP_SIZE // 2
-            self.qs = (q[..., :half] | (q[..., half:] << 4)).view(out_features, in_features // 2)
+            self.qs = _column_groups(q[..., :half] | (q[..., half:] << 4))  # [N / 16, K / 32, 16 j, 16 c]
             return
         self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.view(out_features, in_features).int(), 2)
         scales_and_zeros = torch.stack([scale, w_min + 8 * scale], -1).transpose(0, 1)  # [in // group, out, 2]
@@ -71,29 +91,54 @@ class Int4Weight:
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:  # [num_tokens, out], x's dtype
         if self.use_kernel:  # a float32 weight, so a float32 model
             out = cpu_kernels.q4_linear(x.contiguous(), self.qs, self.d, self.m)
+            out = _unpadded(out, self.out_features)
             return out if bias is None else out.add_(bias)
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.packed, INT4_GROUP_SIZE, self.scales_and_zeros)
         return out.to(x.dtype) if bias is None else out.to(x.dtype) + bias
 
+    def dequantized(self) -> torch.Tensor:  # [out_features, in_features] float32: the weight the kernel applies
+        if not self.use_kernel:
+            raise NotImplementedError("only the C kernel's layout is unpacked")
+        qs = self.qs.movedim(-1, 1)  # [N / 16, 16 c, K / 32, 16 j]
+        q = torch.cat([qs & 0x0F, qs >> 4], -1).float()  # inputs j, then j + 16
+        w = q * self.d.movedim(-1, 1)[..., None] + self.m.movedim(-1, 1)[..., None]
+        return w.reshape(-1, self.in_features)[: self.out_features]
+
 
 class Int8Weight:
     """Symmetric int8 per output channel (the LM head: GGUF files that store their layers in 4 bits keep the
-    output matrix at 8 or more), for Ember's C kernel or `torch.ops.aten._weight_int8pack_mm`."""
+    output matrix at 8 or more), for Ember's C kernel (in groups of 16 columns: qlinear.c's layout) or
+    `torch.ops.aten._weight_int8pack_mm` (the plain [out, in] matrix, `weight`)."""
 
     def __init__(self, weight: torch.Tensor):  # [out_features, in_features]
+        self.out_features, self.in_features = weight.shape
         # max |w| without an abs() copy of the matrix (and amin + amax beat torch.aminmax ~3x on CPU)
         scale = (torch.maximum(-weight.float().amin(1), weight.float().amax(1)) / 127).clamp(min=1e-12)  # [out]
-        self.weight = (weight.float() / scale[:, None]).round_().clamp_(-127, 127).to(torch.int8)
+        q = (weight.float() / scale[:, None]).round_().clamp_(-127, 127).to(torch.int8)
         self.use_kernel = cpu_kernels.usable(weight) and weight.shape[1] % 32 == 0
         self.max_rows = QUANTIZED_MAX_ROWS if self.use_kernel else TORCH_QUANTIZED_MAX_ROWS
-        self.scales = scale if self.use_kernel else scale.to(torch.bfloat16)
+        if self.use_kernel:
+            self.packed = _column_groups(_padded_rows(q, KERNEL_COLUMN_GROUP))  # [N / 16, K, 16]
+            self.scales = _padded_rows(scale, KERNEL_COLUMN_GROUP)
+        else:
+            self.weight, self.scales = q, scale.to(torch.bfloat16)
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.use_kernel:
-            out = cpu_kernels.q8_linear(x.contiguous(), self.weight, self.scales)
+            out = _unpadded(cpu_kernels.q8_linear(x.contiguous(), self.packed, self.scales), self.out_features)
         else:
             out = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self.weight, self.scales).to(x.dtype)
         return out if bias is None else out + bias
+
+    def dequantized(self) -> torch.Tensor:  # [out_features, in_features] float32: the weight applied
+        if not self.use_kernel:
+            return self.weight.float() * self.scales.float()[:, None]
+        w = self.packed.movedim(-1, 1).reshape(-1, self.in_features).float() * self.scales[:, None]
+        return w[: self.out_features]
+
+
+def _unpadded(out: torch.Tensor, columns: int) -> torch.Tensor:
+    return out if out.shape[1] == columns else out[:, :columns].contiguous()
 
 
 def can_prepack(weight: torch.Tensor) -> bool:

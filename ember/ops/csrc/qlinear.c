@@ -1,126 +1,230 @@
-// Weight-only quantized matmuls for the CPU decode path: out[M][N] = x[M][K] W^T (+ bias), float32
-// activations and accumulation, the weight read at 4 or 8 bits. PyTorch's packed kernels want bfloat16
-// activations and re-read the weight for every row; these dequantize a block once into registers and
-// apply it to a tile of rows, so small batches cost little more than one row.
+// Weight-only quantized matmuls for the CPU path: out[M][N] = x[M][K] W^T, float32 activations and
+// accumulation, the weight read at 4 or 8 bits. PyTorch's packed kernels want bfloat16 activations and
+// re-read the weight for every row; these dequantize each block once per call (per chunk of rows):
+//  - up to DIRECT_MAX_ROWS rows (decode), into registers, applied to the rows at hand;
+//  - beyond, into a float32 panel of PANEL_VECS x 16 columns in cache, which an 8-row x 48-column register
+//    tile sweeps over the rows (x broadcast, the panel's rows as vectors: a GEMM micro-kernel), so batches
+//    and prompts run at GEMM speed on the 4-bit weight.
 //
-// q4: blocks of 32 inputs, w = d * q + m with q in 0..15 (GGUF Q4_1's layout: byte i of a block holds
-//     element i in its low nibble and element i + 16 in its high one); qs [N][K/2], d and m [N][K/32] float32
-//     (float16 would save bytes, but converting it costs more than reading them: the kernel is compute-bound).
-// q8: w = scale * q with q int8 per output channel; qs [N][K], scale [N]. K a multiple of 32.
+// The weight is stored in groups of 16 output columns, so that one vector holds one input's weights for
+// 16 columns (the outputs are vectors: no horizontal sums):
+// q4: blocks of 32 inputs, w = d * q + m with q in 0..15 (GGUF Q4_1's quantization).
+//     qs [N/16][K/32][16 j][16 c]: byte (j, c) holds column c's input j in its low nibble, input j + 16 in
+//     its high one; d and m [N/16][K/32][16 c] float32 (float16 values: a GGUF block's own).
+// q8: w = scale * q with q int8 per output column; qs [N/16][K][16 c], scale [N] applied after the sum.
+// N a multiple of 16 (the caller pads), K a multiple of 32.
 //
-// Every output element is summed in the same order whatever the tile it falls in (two 16-lane partial
-// sums, low and high halves of each block, added then reduced), so a row's result does not depend on
-// the other rows of the batch.
+// Every output is one fused multiply-add chain over its inputs in one fixed order (each block's inputs
+// j, j + 16 for j = 0..15), whichever path and tile computes it: a row's result does not depend on the other
+// rows of the batch, nor on how many there are.
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
+
+#include <omp.h>
+
+#define DIRECT_MAX_ROWS 4
+#define PANEL_VECS 3  // 16-column groups per panel
+#define TILE_ROWS 8
+#define X_CHUNK_BYTES (384 * 1024)  // rows of x swept per panel: they stay in L2 across the panels
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
 
-// The weight's 32 values of block b, column c, as two 16-lane vectors.
-static inline __attribute__((always_inline)) void q4_block(const uint8_t* qs, const float* d, const float* m,
-                                                           __m512* lo, __m512* hi)
+// Tiles are instantiated per row and column count so their accumulators live in registers.
+#define TILE static inline __attribute__((always_inline))
+typedef __m512 vec;
+#define ZERO() _mm512_setzero_ps()
+#define LOAD(p) _mm512_loadu_ps(p)
+#define STORE(p, v) _mm512_storeu_ps(p, v)
+#define BCAST(p) _mm512_set1_ps(*(p))
+#define FMA(a, b, c) _mm512_fmadd_ps(a, b, c)
+
+// Inputs j and j + 16 of a block for 16 columns (q4: the 16 bytes of row j; d, m: the block's 16 scales).
+static inline __attribute__((always_inline)) void q4_pair(const uint8_t* bytes, vec d, vec m, vec* lo, vec* hi)
 {
-    const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)qs));  // byte i in lane i
-    const __m512 vd = _mm512_set1_ps(*d), vm = _mm512_set1_ps(*m);
-    *lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(q, _mm512_set1_epi32(0x0F))), vd, vm);
-    *hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4)), vd, vm);
+    const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)bytes));
+    *lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(q, _mm512_set1_epi32(0x0F))), d, m);
+    *hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4)), d, m);
 }
 
-static inline __attribute__((always_inline)) void q8_block(const int8_t* qs, __m512* lo, __m512* hi)
+static inline __attribute__((always_inline)) vec q8_row(const int8_t* q)
 {
-    *lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)qs)));
-    *hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(qs + 16))));
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)q)));
 }
 
-// R rows x C columns over the whole of K. R and C are constants at every call site, so the unrolled
-// accumulators (2 R C vectors) stay in registers; C columns share each load of x, R rows each dequantized block.
-static inline __attribute__((always_inline)) void tile(
-    int q8, const float* x, int64_t K, const int R, const int C, const uint8_t* qs, const float* d,
-    const float* m, float* out, int64_t N)
+#else  // portable C, the same structure and order; the compiler vectorises what it can
+
+#define TILE static inline  // (forced inlining of every tile shape takes GCC ~15 s here)
+typedef struct { float v[16]; } vec;
+static inline vec ZERO(void) { vec r = {{0}}; return r; }
+static inline vec LOAD(const float* p) { vec r; for (int i = 0; i < 16; i++) r.v[i] = p[i]; return r; }
+static inline void STORE(float* p, vec a) { for (int i = 0; i < 16; i++) p[i] = a.v[i]; }
+static inline vec BCAST(const float* p) { vec r; for (int i = 0; i < 16; i++) r.v[i] = *p; return r; }
+static inline vec FMA(vec a, vec b, vec c) { for (int i = 0; i < 16; i++) c.v[i] = __builtin_fmaf(a.v[i], b.v[i], c.v[i]); return c; }
+
+static inline void q4_pair(const uint8_t* bytes, vec d, vec m, vec* lo, vec* hi)
+{
+    for (int i = 0; i < 16; i++) {
+        lo->v[i] = __builtin_fmaf((float)(bytes[i] & 0x0F), d.v[i], m.v[i]);
+        hi->v[i] = __builtin_fmaf((float)(bytes[i] >> 4), d.v[i], m.v[i]);
+    }
+}
+
+static inline vec q8_row(const int8_t* q) { vec r; for (int i = 0; i < 16; i++) r.v[i] = q[i]; return r; }
+#endif
+
+// The weights of block b, inputs j and j + 16, for 16-column group g.
+TILE void weight_pair(int q8, const void* qs, const float* d, const float* m, int64_t K, int64_t g, int64_t b, int j,
+                      vec* lo, vec* hi)
 {
     const int64_t nb = K / 32;
-    __m512 acc_lo[4][4], acc_hi[4][4];
+    if (q8) {
+        const int8_t* q = (const int8_t*)qs + (g * K + b * 32) * 16;
+        *lo = q8_row(q + j * 16), *hi = q8_row(q + (j + 16) * 16);
+    } else {
+        const int64_t blk = g * nb + b;
+        q4_pair((const uint8_t*)qs + blk * 256 + j * 16, LOAD(d + blk * 16), LOAD(m + blk * 16), lo, hi);
+    }
+}
+
+// Direct path: R rows x V column groups (16 columns each) from group g, each weight pair dequantized into
+// registers once for the R rows. R and V are constants at every call site, so the accumulators stay in registers.
+TILE void direct_tile(int q8, const float* x, int64_t K, const int R, const int V, const void* qs, const float* d,
+                      const float* m, int64_t g, float* out, int64_t N)
+{
+    vec acc[DIRECT_MAX_ROWS][4];
     for (int r = 0; r < R; r++)
-        for (int c = 0; c < C; c++) acc_lo[r][c] = acc_hi[r][c] = _mm512_setzero_ps();
-    for (int64_t b = 0; b < nb; b++) {
-        __m512 w_lo[4], w_hi[4];
-        for (int c = 0; c < C; c++) {
-            if (q8) q8_block((const int8_t*)qs + c * K + b * 32, &w_lo[c], &w_hi[c]);
-            else q4_block(qs + (c * nb + b) * 16, d + c * nb + b, m + c * nb + b, &w_lo[c], &w_hi[c]);
+        for (int v = 0; v < V; v++) acc[r][v] = ZERO();
+    for (int64_t b = 0; b < K / 32; b++)
+        for (int j = 0; j < 16; j++) {
+            vec lo[4], hi[4];
+            for (int v = 0; v < V; v++) weight_pair(q8, qs, d, m, K, g + v, b, j, &lo[v], &hi[v]);
+            for (int r = 0; r < R; r++) {
+                const vec x_lo = BCAST(x + r * K + b * 32 + j), x_hi = BCAST(x + r * K + b * 32 + 16 + j);
+                for (int v = 0; v < V; v++) acc[r][v] = FMA(hi[v], x_hi, FMA(lo[v], x_lo, acc[r][v]));
+            }
         }
-        for (int r = 0; r < R; r++) {
-            const __m512 x_lo = _mm512_loadu_ps(x + r * K + b * 32), x_hi = _mm512_loadu_ps(x + r * K + b * 32 + 16);
-            for (int c = 0; c < C; c++) {
-                acc_lo[r][c] = _mm512_fmadd_ps(w_lo[c], x_lo, acc_lo[r][c]);
-                acc_hi[r][c] = _mm512_fmadd_ps(w_hi[c], x_hi, acc_hi[r][c]);
+    for (int r = 0; r < R; r++)
+        for (int v = 0; v < V; v++) STORE(out + r * N + (g + v) * 16, acc[r][v]);
+}
+
+#define DIRECT_COLS(R)                                                                        \
+    do {                                                                                      \
+        if (V == 4) direct_tile(q8, x, K, R, 4, qs, d, m, g, out, N);                         \
+        else if (V == 3) direct_tile(q8, x, K, R, 3, qs, d, m, g, out, N);                    \
+        else if (V == 2) direct_tile(q8, x, K, R, 2, qs, d, m, g, out, N);                    \
+        else direct_tile(q8, x, K, R, 1, qs, d, m, g, out, N);                                \
+    } while (0)
+
+static void direct(int q8, const float* x, int64_t M, int64_t K, const void* qs, const float* d, const float* m,
+                   int64_t N, float* out, int num_threads)
+{
+    const int64_t groups = N / 16;
+#pragma omp parallel num_threads(num_threads)
+    {  // each thread an equal run of 16-column groups (to a group), taken 4 at a time
+        const int64_t t = omp_get_thread_num(), T = omp_get_num_threads();
+        const int64_t end = groups * (t + 1) / T;
+        for (int64_t g = groups * t / T; g < end; g += 4) {
+            const int64_t V = end - g < 4 ? end - g : 4;
+            switch (M) {
+            case 4: DIRECT_COLS(4); break;
+            case 3: DIRECT_COLS(3); break;
+            case 2: DIRECT_COLS(2); break;
+            default: DIRECT_COLS(1); break;
             }
         }
     }
-    for (int r = 0; r < R; r++)
-        for (int c = 0; c < C; c++) out[r * N + c] = _mm512_reduce_add_ps(_mm512_add_ps(acc_lo[r][c], acc_hi[r][c]));
 }
 
-#else  // portable C, same arithmetic order; the compiler vectorises what it can
-
-static inline void tile(int q8, const float* x, int64_t K, const int R, const int C, const uint8_t* qs,
-                        const float* d, const float* m, float* out, int64_t N)
+// Panel path: R rows x V groups of a dequantized panel (w [K][PANEL_VECS * 16] float32, input order as
+// stored: per block, rows 2j and 2j + 1 hold inputs j and j + 16).
+TILE void panel_tile(const float* x, int64_t K, const int R, const int V, const float* w, float* out, int64_t N)
 {
-    const int64_t nb = K / 32;
+    vec acc[TILE_ROWS][PANEL_VECS];
     for (int r = 0; r < R; r++)
-        for (int c = 0; c < C; c++) {
-            float lo[16] = {0}, hi[16] = {0};
-            for (int64_t b = 0; b < nb; b++)
-                for (int i = 0; i < 16; i++) {
-                    float w_lo, w_hi;
-                    if (q8) {
-                        w_lo = ((const int8_t*)qs)[c * K + b * 32 + i];
-                        w_hi = ((const int8_t*)qs)[c * K + b * 32 + 16 + i];
-                    } else {
-                        const uint8_t byte = qs[(c * nb + b) * 16 + i];
-                        w_lo = (float)(byte & 0x0F) * d[c * nb + b] + m[c * nb + b];
-                        w_hi = (float)(byte >> 4) * d[c * nb + b] + m[c * nb + b];
-                    }
-                    lo[i] += w_lo * x[r * K + b * 32 + i];
-                    hi[i] += w_hi * x[r * K + b * 32 + 16 + i];
-                }
-            float s = 0.0f;
-            for (int i = 0; i < 16; i++) s += lo[i] + hi[i];
-            out[r * N + c] = s;
+        for (int v = 0; v < V; v++) acc[r][v] = ZERO();
+    for (int64_t b = 0; b < K / 32; b++)
+        for (int j = 0; j < 16; j++) {
+            const float* wj = w + (b * 32 + 2 * j) * PANEL_VECS * 16;
+            vec lo[PANEL_VECS], hi[PANEL_VECS];
+            for (int v = 0; v < V; v++) lo[v] = LOAD(wj + v * 16);
+            for (int r = 0; r < R; r++) {
+                const vec xr = BCAST(x + r * K + b * 32 + j);
+                for (int v = 0; v < V; v++) acc[r][v] = FMA(lo[v], xr, acc[r][v]);
+            }
+            for (int v = 0; v < V; v++) hi[v] = LOAD(wj + PANEL_VECS * 16 + v * 16);
+            for (int r = 0; r < R; r++) {
+                const vec xr = BCAST(x + r * K + b * 32 + 16 + j);
+                for (int v = 0; v < V; v++) acc[r][v] = FMA(hi[v], xr, acc[r][v]);
+            }
         }
+    for (int r = 0; r < R; r++)
+        for (int v = 0; v < V; v++) STORE(out + r * N + v * 16, acc[r][v]);
 }
-#endif
 
-// Output columns in groups of 4, split across threads (each thread streams its share of the weight once);
-// within a group, rows in tiles of 4 (as two 4 x 2 tiles), then 2 and 1 (4 columns each).
-static void matmul(int q8, const float* x, int64_t M, int64_t K, const uint8_t* qs, const float* d, const float* m,
+#define PANEL_COLS(R)                                                              \
+    do {                                                                           \
+        if (V == 3) panel_tile(xr, K, R, 3, w, o, N);                              \
+        else if (V == 2) panel_tile(xr, K, R, 2, w, o, N);                         \
+        else panel_tile(xr, K, R, 1, w, o, N);                                     \
+    } while (0)
+
+// Rows [r0, r1) against a panel of V groups.
+static void sweep_panel(const float* x, int64_t r0, int64_t r1, int64_t K, const float* w, int V, float* out,
+                        int64_t N)
+{
+    for (int64_t r = r0; r < r1; r += TILE_ROWS) {
+        const int64_t R = r1 - r < TILE_ROWS ? r1 - r : TILE_ROWS;
+        const float* xr = x + r * K;
+        float* o = out + r * N;
+        switch (R) {
+        case 8: PANEL_COLS(8); break;
+        case 7: PANEL_COLS(7); break;
+        case 6: PANEL_COLS(6); break;
+        case 5: PANEL_COLS(5); break;
+        case 4: PANEL_COLS(4); break;
+        case 3: PANEL_COLS(3); break;
+        case 2: PANEL_COLS(2); break;
+        default: PANEL_COLS(1); break;
+        }
+    }
+}
+
+static void panels(int q8, const float* x, int64_t M, int64_t K, const void* qs, const float* d, const float* m,
                    int64_t N, float* out, int num_threads)
 {
-    const int64_t nb = K / 32;
-    const int64_t col_bytes = q8 ? K : nb * 16;  // one column's weight bytes
-    const int64_t groups = (N + 3) / 4;
-#pragma omp parallel for num_threads(num_threads) schedule(static)
-    for (int64_t g = 0; g < groups; g++) {
-        const int64_t n = g * 4;
-        const uint8_t* q = qs + n * col_bytes;
-        const float* dn = q8 ? NULL : d + n * nb;
-        const float* mn = q8 ? NULL : m + n * nb;
-        if (n + 4 > N) {  // the last, partial group: a column at a time
-            for (int64_t c = n; c < N; c++)
-                for (int64_t r = 0; r < M; r++)
-                    tile(q8, x + r * K, K, 1, 1, qs + c * col_bytes, q8 ? NULL : d + c * nb, q8 ? NULL : m + c * nb,
-                         out + r * N + c, N);
-            continue;
+    const int64_t groups = N / 16, num_panels = (groups + PANEL_VECS - 1) / PANEL_VECS, width = PANEL_VECS * 16;
+    int64_t chunk = X_CHUNK_BYTES / (K * (int64_t)sizeof(float)) / TILE_ROWS * TILE_ROWS;
+    if (chunk < TILE_ROWS) chunk = TILE_ROWS;
+#pragma omp parallel num_threads(num_threads)
+    {
+        float* w = aligned_alloc(64, K * width * sizeof(float));
+        for (int64_t r0 = 0; r0 < M; r0 += chunk) {
+            const int64_t r1 = r0 + chunk < M ? r0 + chunk : M;
+#pragma omp for schedule(static) nowait
+            for (int64_t p = 0; p < num_panels; p++) {
+                const int64_t g = p * PANEL_VECS, V = groups - g < PANEL_VECS ? groups - g : PANEL_VECS;
+                for (int64_t v = 0; v < V; v++)
+                    for (int64_t b = 0; b < K / 32; b++)
+                        for (int j = 0; j < 16; j++) {
+                            vec lo, hi;
+                            weight_pair(q8, qs, d, m, K, g + v, b, j, &lo, &hi);
+                            STORE(w + (b * 32 + 2 * j) * width + v * 16, lo);
+                            STORE(w + (b * 32 + 2 * j + 1) * width + v * 16, hi);
+                        }
+                sweep_panel(x, r0, r1, K, w, (int)V, out + g * 16, N);
+            }
         }
-        int64_t r = 0;
-        for (; r + 4 <= M; r += 4) {
-            tile(q8, x + r * K, K, 4, 2, q, dn, mn, out + r * N + n, N);
-            tile(q8, x + r * K, K, 4, 2, q + 2 * col_bytes, q8 ? NULL : dn + 2 * nb, q8 ? NULL : mn + 2 * nb,
-                 out + r * N + n + 2, N);
-        }
-        for (; r + 2 <= M; r += 2) tile(q8, x + r * K, K, 2, 4, q, dn, mn, out + r * N + n, N);
-        if (r < M) tile(q8, x + r * K, K, 1, 4, q, dn, mn, out + r * N + n, N);
+        free(w);
     }
+}
+
+static void matmul(int q8, const float* x, int64_t M, int64_t K, const void* qs, const float* d, const float* m,
+                   int64_t N, float* out, int num_threads)
+{
+    if (M <= DIRECT_MAX_ROWS) direct(q8, x, M, K, qs, d, m, N, out, num_threads);
+    else panels(q8, x, M, K, qs, d, m, N, out, num_threads);
 }
 
 void q4_linear(const float* x, int64_t M, int64_t K, const uint8_t* qs, const float* d, const float* m,
@@ -129,10 +233,12 @@ void q4_linear(const float* x, int64_t M, int64_t K, const uint8_t* qs, const fl
     matmul(0, x, M, K, qs, d, m, N, out, num_threads);
 }
 
-// out = (x qs^T) * scale: the per-channel scale applied once per output element, after the sum.
+// out = (x qs^T) * scale: the per-column scale applied once per output element, after the sum.
 void q8_linear(const float* x, int64_t M, int64_t K, const int8_t* qs, const float* scale, int64_t N, float* out,
                int num_threads)
 {
-    matmul(1, x, M, K, (const uint8_t*)qs, NULL, NULL, N, out, num_threads);
-    for (int64_t i = 0; i < M * N; i++) out[i] *= scale[i % N];
+    matmul(1, x, M, K, qs, NULL, NULL, N, out, num_threads);
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t r = 0; r < M; r++)
+        for (int64_t n = 0; n < N; n++) out[r * N + n] *= scale[n];
 }
