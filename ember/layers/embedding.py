@@ -41,9 +41,10 @@ class LMHead(nn.Module):
         return quantized_or_dense(self, hidden_states, self.weight, None).float()
 
     def quantize(self, kind: str = "int4") -> None:
-        """An int8 copy for small batches: the head is the model's largest matrix, and the most sensitive.
-        Larger batches take the transposed product on the plain matrix. GPU path: the int8 copy serves every
-        batch (the plain matrix stays only when the embedding shares it)."""
+        """An int8 copy: the head is the model's largest matrix, and the most sensitive. On Ember's C kernel it
+        serves every batch; on PyTorch's (small batches only) larger ones take the transposed product on the
+        plain matrix. GPU path: the int8 copy serves every batch. The plain matrix stays only when the
+        embedding shares it."""
         if self.use_triton:
             from ember.ops.triton_linear import TritonInt8Weight
 
@@ -52,5 +53,10 @@ class LMHead(nn.Module):
                 self.weight.data = self.weight.data.new_empty(0, self.weight.shape[1])
             return
         self.quantized = Int8Weight(self.weight.data)
-        if not self.batch_invariant:
+        if self.batch_invariant:
+            return
+        if self.quantized.max_rows is None:
+            if not self.is_tied:
+                self.weight.data = self.weight.data.new_empty(0, self.weight.shape[1])
+        else:
             self.prepacked = TransposedProductWeight(self.weight.data)

@@ -45,9 +45,10 @@ class Linear(nn.Module):
         return quantized_or_dense(self, x, self.weight, self.bias)
 
     def quantize(self, kind: str = "int4") -> None:
-        """CPU: an int4 (or int8) copy of the weight for small batches (decode); larger ones get the float32
-        weight prepacked for oneDNN, which replaces the plain matrix (same bytes). GPU path: an int8 weight
-        for the Triton kernel replaces the plain matrix at every batch size."""
+        """CPU: an int4 (or int8) copy of the weight. On Ember's C kernels it serves every batch and replaces
+        the plain matrix; on PyTorch's (small batches only) larger ones get the float32 weight prepacked for
+        oneDNN, which replaces the plain matrix (same bytes). GPU path: an int8 weight for the Triton kernel
+        replaces the plain matrix at every batch size."""
         if self.use_triton:
             from ember.ops.triton_linear import TritonInt8Weight
 
@@ -58,17 +59,22 @@ class Linear(nn.Module):
             self.quantized = Int8Weight(self.weight.data)
         elif self.weight.shape[1] % INT4_GROUP_SIZE == 0:  # else it stays dense
             self.quantized = Int4Weight(self.weight.data)
-        if can_prepack(self.weight) and not self.batch_invariant:
+        if self.batch_invariant:  # its GEMMs run on the plain matrix
+            return
+        if getattr(self, "quantized", None) is not None and self.quantized.max_rows is None:
+            self.weight.data = self.weight.data.new_empty(0, self.weight.shape[1])  # only the quantized copy is read
+        elif can_prepack(self.weight):
             self.prepacked = PrepackedWeight(self.weight.data)
             self.weight.data = self.weight.data.new_empty(0, self.weight.shape[1])  # only the packed copy is read
 
 
 def quantized_or_dense(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """The quantized copy (`module.quantized`, if any) for up to its `max_rows` rows, else the prepacked
+    """The quantized copy (`module.quantized`, if any) for up to its `max_rows` rows (None: all), else the prepacked
     weight that replaced the plain one (`module.prepacked`), else the plain dense GEMM. Batch-invariant mode
     on a CPU keeps the dense path, whose results the tests compare bitwise."""
     quantized = getattr(module, "quantized", None)
-    if quantized is not None and not module.batch_invariant and x.shape[0] <= quantized.max_rows:
+    if quantized is not None and not module.batch_invariant and (
+            quantized.max_rows is None or x.shape[0] <= quantized.max_rows):
         return quantized.linear(x, bias)
     prepacked = getattr(module, "prepacked", None)
     if prepacked is not None:

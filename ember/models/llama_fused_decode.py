@@ -1,14 +1,14 @@
 """A Llama decoder layer as one C call (ember/ops/csrc/decode_layer.c) for decode-sized steps on the CPU:
 the modules' own kernels in the same order, without the ~15 Python calls and tensor allocations a layer
 otherwise costs per step (a small model's decode step is dominated by them). Used when every projection has
-a C-kernel int4 copy, the step has at most QUANTIZED_MAX_ROWS tokens and every sequence's query is short."""
+a C-kernel int4 copy and every sequence's query in the step is short (decode, speculative verification)."""
 from __future__ import annotations
 
 import torch
 
 from ember.layers.attention import AttentionMetadata
 from ember.ops import cpu_kernels
-from ember.ops.linear import KERNEL_COLUMN_GROUP, QUANTIZED_MAX_ROWS, Int4Weight
+from ember.ops.linear import KERNEL_COLUMN_GROUP, Int4Weight
 
 
 def _q4(linear) -> cpu_kernels.Q4Linear | None:
@@ -42,8 +42,8 @@ def fuse_layer(layer) -> cpu_kernels.DecoderLayer | None:
 def decode_step(positions: torch.Tensor, attn_metadata: AttentionMetadata, block_size: int,
                 num_tokens: int) -> tuple[cpu_kernels.DecodeStep, list] | None:
     """The step for decode_layer.c (k_cache / v_cache filled per layer), and the tensors it points into;
-    None when the step does not qualify (too many rows, or a prefill chunk among the sequences)."""
-    if num_tokens > QUANTIZED_MAX_ROWS or not isinstance(attn_metadata, AttentionMetadata):
+    None when the step does not qualify (a prefill chunk among the sequences)."""
+    if not isinstance(attn_metadata, AttentionMetadata):
         return None
     if positions.dtype != torch.long or attn_metadata.slot_mapping.dtype != torch.long:  # read as int64_t
         return None

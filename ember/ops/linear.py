@@ -28,15 +28,12 @@ def linear(
 
 
 # Weight-only kernels read 4 or 8 bits a weight instead of float32's 32. Ember's C kernels (float32
-# activations) dequantize a block once for a tile of rows (up to 4 rows) or into a panel in cache that a
-# register tile sweeps over the rows (more rows); PyTorch's packed ones, the fallback, want bfloat16
-# activations and re-read the weight per row. Up to 64 rows the C kernel runs within ~10% of oneDNN's float32
-# GEMM on a prepacked weight (faster up to ~32), and the quantized path lets decode steps run each layer as
-# one C call (models/llama_fused_decode.py), which saves more than that: 32 sequences x 128 tokens 268 -> 348
-# tok/s against the 16-row limit before (benchmarks/NOTES.md). Past 64 rows (prompts) oneDNN's GEMM is
-# ~1.3x faster. Each output row is independent of the other rows in both. PyTorch's kernels cost a row's
-# time per row: 8 for them.
-QUANTIZED_MAX_ROWS = 64
+# activations) dequantize a block once for a few rows (decode) or into a panel in cache that a GEMM register
+# tile sweeps over the rows (batches, prompts): at every row count they run at or above oneDNN's float32 GEMM
+# on a prepacked weight (benchmarks/NOTES.md), so with them the quantized copy serves every batch and the
+# float32 matrix is dropped. PyTorch's packed kernels, the fallback, want bfloat16 activations and re-read the
+# weight per row: they serve up to 8 rows, the prepacked float32 weight the rest. Each output row is
+# independent of the other rows in both.
 TORCH_QUANTIZED_MAX_ROWS = 8
 INT4_GROUP_SIZE = 32  # GGUF's block size: a Q4_0 / Q4_1 block is one group
 
@@ -74,7 +71,7 @@ class Int4Weight:
         groups = weight.float().view(rows, in_features // INT4_GROUP_SIZE, INT4_GROUP_SIZE)
         w_min, w_max = groups.amin(-1), groups.amax(-1)  # [out, in // group]; torch.aminmax is ~4x slower here
         scale = ((w_max - w_min) / 15).clamp(min=1e-12)
-        self.max_rows = QUANTIZED_MAX_ROWS if self.use_kernel else TORCH_QUANTIZED_MAX_ROWS
+        self.max_rows = None if self.use_kernel else TORCH_QUANTIZED_MAX_ROWS  # None: every batch
         if self.use_kernel:  # d and m rounded to float16 (a GGUF block's own), q computed against them
             scale, w_min = scale.half().clamp_(min=2**-24).float(), w_min.half().float()
             self.d, self.m = _column_groups(scale), _column_groups(w_min)  # [N / 16, K / 32, 16]
@@ -116,7 +113,7 @@ class Int8Weight:
         scale = (torch.maximum(-weight.float().amin(1), weight.float().amax(1)) / 127).clamp(min=1e-12)  # [out]
         q = (weight.float() / scale[:, None]).round_().clamp_(-127, 127).to(torch.int8)
         self.use_kernel = cpu_kernels.usable(weight) and weight.shape[1] % 32 == 0
-        self.max_rows = QUANTIZED_MAX_ROWS if self.use_kernel else TORCH_QUANTIZED_MAX_ROWS
+        self.max_rows = None if self.use_kernel else TORCH_QUANTIZED_MAX_ROWS  # None: every batch
         if self.use_kernel:
             self.packed = _column_groups(_padded_rows(q, KERNEL_COLUMN_GROUP))  # [N / 16, K, 16]
             self.scales = _padded_rows(scale, KERNEL_COLUMN_GROUP)

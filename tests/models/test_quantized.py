@@ -15,7 +15,7 @@ from ember import LLM, SamplingParams
 from ember.layers.embedding import LMHead
 from ember.layers.linear import Linear
 from ember.ops import cpu_kernels
-from ember.ops.linear import QUANTIZED_MAX_ROWS, Int4Weight, Int8Weight, can_prepack
+from ember.ops.linear import TORCH_QUANTIZED_MAX_ROWS, Int4Weight, Int8Weight
 
 
 def q4_1_weight(out_features: int, in_features: int, seed: int = 0) -> torch.Tensor:
@@ -62,18 +62,24 @@ def test_int8_head_is_close_to_dense():
     assert (out - reference).abs().max() < 0.02 * reference.abs().max()
 
 
-def test_quantized_linear_picks_int4_for_few_rows_and_prepacked_float32_for_more():
+@pytest.mark.parametrize("c_kernels", [True, False])
+def test_quantized_linear_replaces_the_plain_matrix(c_kernels, monkeypatch):
+    """On the C kernels the int4 copy serves every batch; on PyTorch's, up to 8 rows, and the float32 weight
+    prepacked for oneDNN the rest. Either way only one copy of the matrix is kept."""
+    if not c_kernels:
+        monkeypatch.setattr(cpu_kernels, "kernels", lambda: None)
     weight, bias = q4_1_weight(96, 128, seed=6), torch.randn(96, generator=torch.Generator().manual_seed(7))
     layer = Linear(128, [64, 32], bias=True, dtype=torch.float32)
     layer.weight_loader(layer.weight, weight[:64], 0)
     layer.weight_loader(layer.weight, weight[64:], 1)
     layer.weight_loader(layer.bias, bias, None)
     layer.quantize()
-    assert can_prepack(weight) and layer.weight.numel() == 0  # the prepacked copy replaced the plain matrix
-    for num_rows in (1, QUANTIZED_MAX_ROWS, QUANTIZED_MAX_ROWS + 1, 40, 300):
+    assert layer.weight.numel() == 0 and layer.quantized.use_kernel == c_kernels
+    assert (getattr(layer, "prepacked", None) is None) == c_kernels
+    for num_rows in (1, TORCH_QUANTIZED_MAX_ROWS, TORCH_QUANTIZED_MAX_ROWS + 1, 40, 300):
         x = torch.randn(num_rows, 128, generator=torch.Generator().manual_seed(num_rows))
         reference = torch.nn.functional.linear(x, weight, bias)
-        if num_rows <= QUANTIZED_MAX_ROWS and not layer.quantized.use_kernel:  # bfloat16 activations and output
+        if num_rows <= TORCH_QUANTIZED_MAX_ROWS and not c_kernels:  # bfloat16 activations and output
             torch.testing.assert_close(layer(x), reference, rtol=2**-7, atol=0.05)
         else:  # float32 throughout (the weight is an exact Q4_1 one): only the summation order differs
             torch.testing.assert_close(layer(x), reference, rtol=1e-5, atol=1e-5)
@@ -88,12 +94,25 @@ def test_batch_invariant_linear_keeps_its_plain_weight():
     torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight), rtol=0, atol=1e-5)
 
 
-def test_lm_head_beyond_the_int8_rows_is_float32():
+def test_lm_head_beyond_the_torch_int8_rows_is_float32(monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "kernels", lambda: None)  # PyTorch's int8 kernel: up to 8 rows
     head = LMHead(64, 1000, torch.float32)
     head.weight.data.copy_(torch.randn(1000, 64, generator=torch.Generator().manual_seed(8)))
     head.quantize()
-    x = torch.randn(QUANTIZED_MAX_ROWS + 4, 64, generator=torch.Generator().manual_seed(9))
+    x = torch.randn(TORCH_QUANTIZED_MAX_ROWS + 4, 64, generator=torch.Generator().manual_seed(9))
     torch.testing.assert_close(head(x), torch.nn.functional.linear(x, head.weight), rtol=1e-5, atol=1e-5)
+
+
+def test_lm_head_on_the_c_kernel_is_int8_at_every_batch_and_drops_its_untied_matrix():
+    head = LMHead(64, 1000, torch.float32)
+    weight = torch.randn(1000, 64, generator=torch.Generator().manual_seed(8))
+    head.weight.data.copy_(weight)
+    head.quantize()
+    assert head.quantized.use_kernel and head.weight.numel() == 0
+    x = torch.randn(70, 64, generator=torch.Generator().manual_seed(9))
+    out = head(x)
+    assert torch.equal(out[:3], head(x[:3]))  # the same int8 product at 3 rows and at 70
+    assert (out - torch.nn.functional.linear(x, weight)).abs().max() < 0.02 * out.abs().max()
 
 
 @pytest.fixture(scope="module")
