@@ -76,7 +76,7 @@ class AttentionMetadata:
             limit = cpu_kernels.ATTENTION_MAX_QUERY
             tables = self._c_kernel_tables = CKernelTables(
                 short_seq_ids=torch.tensor(self._seqs_where(lambda q_len: q_len <= limit), dtype=torch.long),
-                long_seq_ids=self._seqs_where(lambda q_len: q_len > limit),
+                long_seq_ids=torch.tensor(self._seqs_where(lambda q_len: q_len > limit), dtype=torch.long),
                 query_start_loc=torch.tensor(self.query_start_loc, dtype=torch.long),
                 seq_lens=torch.tensor(self.seq_lens, dtype=torch.long),
                 block_table=torch.tensor(padded(self.block_tables), dtype=torch.long),
@@ -91,7 +91,7 @@ class AttentionMetadata:
 @dataclass
 class CKernelTables:
     short_seq_ids: torch.Tensor  # [n] int64: sequences with few new tokens (decode, verification): the C kernel's
-    long_seq_ids: list[int]  # the others (prefill chunks): PyTorch's flash attention, per sequence
+    long_seq_ids: torch.Tensor  # [n] int64: the others (prefill chunks): the tiled C kernel
     query_start_loc: torch.Tensor  # [num_seqs + 1] int64
     seq_lens: torch.Tensor  # [num_seqs] int64
     block_table: torch.Tensor  # [num_seqs, max_blocks] int64, rows padded with 0
@@ -180,14 +180,12 @@ class Attention(nn.Module):
         return out
 
     def _forward_c_kernel(self, q: torch.Tensor, kv_cache: torch.Tensor, attn_metadata: AttentionMetadata) -> torch.Tensor:
-        """Short queries through the C kernel over the blocks in place, prefill chunks through flash attention."""
+        """Short queries and prefill chunks each through their C kernel, over the blocks in place."""
         tables = attn_metadata.c_kernel_tables()
-        if tables.long_seq_ids:
-            out = paged_attention(q, kv_cache[0], kv_cache[1], attn_metadata, self.scale, self.sliding_window,
-                                  seq_ids=tables.long_seq_ids)
-        else:
-            out = torch.empty(q.shape, dtype=q.dtype)
-        if tables.short_seq_ids.numel():
-            cpu_kernels.paged_attention(q, kv_cache[0], kv_cache[1], tables.short_seq_ids, tables.query_start_loc,
-                                        tables.seq_lens, tables.block_table, self.scale, self.sliding_window, out)
+        out = torch.empty(q.shape, dtype=q.dtype)
+        for seq_ids, long_queries in ((tables.short_seq_ids, False), (tables.long_seq_ids, True)):
+            if seq_ids.numel():
+                cpu_kernels.paged_attention(q, kv_cache[0], kv_cache[1], seq_ids, tables.query_start_loc,
+                                            tables.seq_lens, tables.block_table, self.scale, self.sliding_window,
+                                            out, long_queries)
         return out

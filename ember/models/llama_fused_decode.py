@@ -48,7 +48,7 @@ def decode_step(positions: torch.Tensor, attn_metadata: AttentionMetadata, block
     if positions.dtype != torch.long or attn_metadata.slot_mapping.dtype != torch.long:  # read as int64_t
         return None
     tables = attn_metadata.c_kernel_tables()
-    if tables.long_seq_ids:
+    if tables.long_seq_ids.numel():
         return None
     positions, slots = positions.contiguous(), attn_metadata.slot_mapping.contiguous()
     step = cpu_kernels.DecodeStep(

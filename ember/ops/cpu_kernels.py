@@ -20,7 +20,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("qlinear.c", "pointwise.c", "attention.c", "decode_layer.c")
+SOURCES = ("qlinear.c", "pointwise.c", "attention.c", "prefill_attention.c", "decode_layer.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC"]
 
 _P, _I64, _INT, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
@@ -31,11 +31,12 @@ SIGNATURES = {
     "silu_and_mul": [_P, _P, _I64, _I64, _INT],
     "rotary": [_P, _I64, _I64, _I64, _I64, _P, _P, _P],
     "paged_attention": [_P, _I64, _P, _P, _I64, _I64, _I64, _I64, _P, _I64, _P, _P, _P, _I64, _F, _I64, _P, _INT],
+    "prefill_attention": [_P, _I64, _P, _P, _I64, _I64, _I64, _I64, _P, _I64, _P, _P, _P, _I64, _F, _I64, _P, _INT],
     "decoder_layer": [_P, _P, _P, _P, _P, _P, _INT],
 }
 
-# Queries per sequence up to which the C attention kernel serves (decode, speculative verification); longer
-# ones (prefill) go to PyTorch's flash attention, whose tiling wins there.
+# Queries per sequence up to which the short-query attention kernel serves (decode, speculative
+# verification: attention.c); longer ones (prefill chunks) go to the tiled one (prefill_attention.c).
 ATTENTION_MAX_QUERY = 16
 
 
@@ -167,9 +168,11 @@ def paged_attention(
     scale: float,
     sliding_window: int | None,
     out: torch.Tensor,  # [num_tokens, num_heads, head_dim] contiguous
+    long_queries: bool = False,  # the tiled kernel for prefill chunks (prefill_attention.c)
 ) -> None:
     num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
-    kernels().paged_attention(
+    kernel = kernels().prefill_attention if long_queries else kernels().paged_attention
+    kernel(
         q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), block_size, q.shape[1], num_kv_heads,
         head_dim, seq_ids.data_ptr(), seq_ids.numel(), query_start_loc.data_ptr(), seq_lens.data_ptr(),
         block_table.data_ptr(), block_table.shape[1], scale, sliding_window or 0, out.data_ptr(),

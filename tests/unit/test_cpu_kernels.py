@@ -117,13 +117,13 @@ def test_without_the_kernels_the_torch_ops_serve(monkeypatch):
 @pytest.mark.parametrize("sliding_window", [None, 6])
 @pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(9, 3, 64), (4, 4, 80), (8, 1, 32)])
 def test_attention_layer_matches_the_reference(lib, sliding_window, num_heads, num_kv_heads, head_dim):
-    """A mixed step (decodes, a speculative verification of 5, a prefill chunk past the C kernel's query limit
-    after a prefix) through the layer, against the per-sequence reference, over a shuffled cache; query rows are
+    """A mixed step (decodes, a speculative verification of 5; prefill chunks past the short-query kernel's
+    limit, one after a prefix, one a whole prompt: the tiled kernel) through the layer, against the per-sequence reference, over a shuffled cache; query rows are
     strided views of a fused projection, as in the model."""
     torch.manual_seed(0)
     num_blocks, block_size = 48, 4
     kv_cache = torch.randn(2, num_blocks, block_size, num_kv_heads, head_dim)
-    q_lens, seq_lens = [1, 5, 1, 20, 1], [1, 12, 30, 26, 9]
+    q_lens, seq_lens = [1, 5, 1, 20, 1, 37], [1, 12, 30, 26, 9, 37]
     free = torch.randperm(num_blocks).tolist()
     block_tables = [[free.pop() for _ in range(-(-n // block_size))] for n in seq_lens]
     starts = [0]
@@ -140,7 +140,7 @@ def test_attention_layer_matches_the_reference(lib, sliding_window, num_heads, n
     layer = Attention(head_dim**-0.5, sliding_window)
     layer.use_c_kernels = True  # as the runner sets it
     out = layer(q, k, v, kv_cache, metadata)  # writes this step's K/V, then attends
-    assert metadata.c_kernel_tables().long_seq_ids == [3] and out.is_contiguous()
+    assert metadata.c_kernel_tables().long_seq_ids.tolist() == [3, 5] and out.is_contiguous()
     reference = paged_attention(q, kv_cache[0], kv_cache[1], metadata, head_dim**-0.5, sliding_window)
     torch.testing.assert_close(out, reference, **TOL)
 
