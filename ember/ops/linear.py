@@ -63,7 +63,8 @@ class Int4Weight:
     """
 
     def __init__(self, weight: torch.Tensor):  # [out_features, in_features]
-        self.out_features, self.in_features = out_features, in_features = weight.shape
+        out_features, in_features = weight.shape
+        self.out_features, self.in_features = out_features, in_features
         self.use_kernel = cpu_kernels.usable(weight)
         if self.use_kernel:
             weight = _padded_rows(weight, KERNEL_COLUMN_GROUP)

@@ -5,6 +5,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "paged_cache.h"
 #include "vector_math.h"
 
 #define MAX_GROUP 8  // query heads per KV head handled at once
@@ -42,14 +43,6 @@ static inline void axpy(float w, const float* x, float* y, int64_t n)  // y += w
     for (int64_t e = 0; e < n; e++) y[e] += w * x[e];
 }
 
-// Positions p.. of a sequence that lie in one cache block (at most up to end): their count, and p's flat slot.
-static inline int64_t block_run(const int64_t* blocks, int64_t block_size, int64_t p, int64_t end, int64_t* slot)
-{
-    const int64_t offset = p % block_size;
-    *slot = blocks[p / block_size] * block_size + offset;
-    return block_size - offset < end - p ? block_size - offset : end - p;
-}
-
 // Query i of a sequence with q_len new tokens and seq_len positions sits at position seq_len - q_len + i and
 // sees keys at positions p <= it (and p > it - window when window > 0).
 void paged_attention(const float* q, int64_t q_token_stride, const float* k_cache, const float* v_cache,
@@ -78,7 +71,7 @@ void paged_attention(const float* q, int64_t q_token_stride, const float* k_cach
                 }
                 for (int64_t i = 0; i < q_len; i++) {
                     const int64_t pos = seq_len - q_len + i;
-                    const int64_t first = window > 0 && pos - window + 1 > 0 ? pos - window + 1 : 0;
+                    const int64_t first = first_key(pos, window);
                     const int64_t n = pos + 1 - first;
                     for (int64_t h0 = 0; h0 < group; h0 += MAX_GROUP) {
                         const int64_t hn = group - h0 < MAX_GROUP ? group - h0 : MAX_GROUP;

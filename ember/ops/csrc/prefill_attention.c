@@ -10,6 +10,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "paged_cache.h"
 #include "vector_math.h"
 
 #define ROW_POSITIONS 4
@@ -18,19 +19,11 @@
 
 static inline int64_t round16(int64_t n) { return (n + 15) / 16 * 16; }
 
-// Positions p.. of a sequence that lie in one cache block (at most up to end): their count, and p's flat slot.
-static inline int64_t block_run(const int64_t* blocks, int64_t block_size, int64_t p, int64_t end, int64_t* slot)
-{
-    const int64_t offset = p % block_size;
-    *slot = blocks[p / block_size] * block_size + offset;
-    return block_size - offset < end - p ? block_size - offset : end - p;
-}
-
 #if defined(__AVX512F__)
 #include <immintrin.h>
 
 // Scores of R (a constant at each call) rows against 16 keys: one vector per row, broadcast q[d] times Kt[d].
-static inline __attribute__((always_inline)) void score_chunk(const float* const* rows, const int R,
+static inline __attribute__((always_inline)) void score_chunk(const float* rows, const int R,
                                                                const float* kc, int64_t ld, int64_t head_dim,
                                                                float* scores, int64_t scores_ld)
 {
@@ -38,14 +31,15 @@ static inline __attribute__((always_inline)) void score_chunk(const float* const
     for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
     for (int64_t d = 0; d < head_dim; d++) {
         const __m512 kd = _mm512_loadu_ps(kc + d * ld);
-        for (int r = 0; r < R; r++) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(rows[r][d]), kd, acc[r]);
+        for (int r = 0; r < R; r++) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(rows[r * head_dim + d]), kd, acc[r]);
     }
     for (int r = 0; r < R; r++) _mm512_storeu_ps(scores + r * scores_ld, acc[r]);
 }
 #endif
 
-// Scores of rows[0..R) (query vectors, pre-scaled) against keys k0..k0 + 16 * chunks (Kt [head_dim][ld]).
-static void score_rows(const float* const* rows, int R, const float* kt, int64_t ld, int64_t head_dim, int64_t k0,
+// Scores of R rows (query vectors, pre-scaled: rows [R][head_dim]) against keys k0..k0 + 16 * chunks
+// (Kt [head_dim][ld]).
+static void score_rows(const float* rows, int R, const float* kt, int64_t ld, int64_t head_dim, int64_t k0,
                        int64_t chunks, float* scores, int64_t scores_ld)
 {
     for (int64_t c = 0; c < chunks; c++) {
@@ -66,7 +60,7 @@ static void score_rows(const float* const* rows, int R, const float* kt, int64_t
         for (int r = 0; r < R; r++) {
             float acc[16] = {0};
             for (int64_t d = 0; d < head_dim; d++) {
-                const float qd = rows[r][d];
+                const float qd = rows[r * head_dim + d];
 #pragma omp simd
                 for (int e = 0; e < 16; e++) acc[e] += qd * kc[d * ld + e];
             }
@@ -161,9 +155,7 @@ void prefill_attention(const float* q, int64_t q_token_stride, const float* k_ca
             }
         int64_t capacity = 0;
         float *scores = NULL, *queries = malloc(max_rows * head_dim * sizeof(float));
-        const float** rows = malloc(max_rows * sizeof(float*));
         float** outs = malloc(max_rows * sizeof(float*));
-        int64_t* row_pos = malloc(max_rows * sizeof(int64_t));
         float* inv_sums = malloc(max_rows * sizeof(float));
 #pragma omp for schedule(dynamic, 1)
         for (int64_t item = 0; item < item_start[num_selected]; item++) {
@@ -175,19 +167,17 @@ void prefill_attention(const float* q, int64_t q_token_stride, const float* k_ca
             const int64_t i1 = i0 + ROW_POSITIONS < q_len ? i0 + ROW_POSITIONS : q_len;
             const int64_t* blocks = block_table + s * max_blocks;
             const float* kt = kt_all + kt_start[t] + g * head_dim * ld;
-            // The tile's rows: position-major, then the group's heads; queries pre-scaled.
+            // The tile's rows: position-major (row r at position first_pos + r / group), then the group's
+            // heads; queries pre-scaled.
+            const int64_t first_pos = len - q_len + i0, last = len - q_len + i1 - 1;
             int64_t R = 0;
             for (int64_t i = i0; i < i1; i++)
                 for (int64_t h = 0; h < group; h++, R++) {
                     const float* qr = q + (start + i) * q_token_stride + (g * group + h) * head_dim;
                     for (int64_t d = 0; d < head_dim; d++) queries[R * head_dim + d] = qr[d] * scale;
-                    rows[R] = queries + R * head_dim;
                     outs[R] = out + ((start + i) * num_heads + g * group + h) * head_dim;
-                    row_pos[R] = len - q_len + i;
                 }
-            const int64_t last = len - q_len + i1 - 1;  // the tile's last position
-            const int64_t first_pos = len - q_len + i0;
-            const int64_t key_first = window > 0 && first_pos - window + 1 > 0 ? first_pos - window + 1 : 0;
+            const int64_t key_first = first_key(first_pos, window);
             const int64_t k0 = key_first / 16 * 16, chunks = (last + 1 - k0 + 15) / 16, width = chunks * 16;
             const int64_t padded_rows = (R + VALUE_ROWS - 1) / VALUE_ROWS * VALUE_ROWS;
             if (capacity < padded_rows * width) {
@@ -196,12 +186,12 @@ void prefill_attention(const float* q, int64_t q_token_stride, const float* k_ca
                 scores = malloc(capacity * sizeof(float));
             }
             for (int64_t r = 0; r < R; r += ROWS_AT_ONCE)
-                score_rows(rows + r, R - r < ROWS_AT_ONCE ? (int)(R - r) : ROWS_AT_ONCE, kt, ld, head_dim, k0,
-                           chunks, scores + r * width, width);
+                score_rows(queries + r * head_dim, R - r < ROWS_AT_ONCE ? (int)(R - r) : ROWS_AT_ONCE, kt, ld,
+                           head_dim, k0, chunks, scores + r * width, width);
             for (int64_t r = 0; r < R; r++) {  // softmax numerators over each row's own keys, zero elsewhere
                 float* sr = scores + r * width;
-                const int64_t pos = row_pos[r];
-                const int64_t lo = (window > 0 && pos - window + 1 > 0 ? pos - window + 1 : 0) - k0, hi = pos - k0 + 1;
+                const int64_t pos = first_pos + r / group;
+                const int64_t lo = first_key(pos, window) - k0, hi = pos - k0 + 1;
                 float mx = -INFINITY, sum = 0.0f;
 #pragma omp simd reduction(max : mx)
                 for (int64_t j = lo; j < hi; j++) mx = sr[j] > mx ? sr[j] : mx;
@@ -215,11 +205,12 @@ void prefill_attention(const float* q, int64_t q_token_stride, const float* k_ca
             }
             for (int64_t r = 0; r < R; r += VALUE_ROWS)
                 for (int64_t d0 = 0; d0 < head_dim; d0 += 64)
-                    value_rows(scores + r * width + (key_first - k0), width, R - r < VALUE_ROWS ? (int)(R - r) : VALUE_ROWS,
-                               v_cache, blocks, block_size, slot_stride, g * head_dim, key_first, last + 1, d0,
+                    value_rows(scores + r * width + (key_first - k0), width,
+                               R - r < VALUE_ROWS ? (int)(R - r) : VALUE_ROWS, v_cache, blocks, block_size,
+                               slot_stride, g * head_dim, key_first, last + 1, d0,
                                head_dim - d0 < 64 ? head_dim - d0 : 64, inv_sums + r, outs + r);
         }
-        free(scores), free(queries), free(rows), free(outs), free(row_pos), free(inv_sums);
+        free(scores), free(queries), free(outs), free(inv_sums);
     }
     free(kt_start), free(item_start), free(kt_all);
 }

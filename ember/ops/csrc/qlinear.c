@@ -61,7 +61,11 @@ static inline vec ZERO(void) { vec r = {{0}}; return r; }
 static inline vec LOAD(const float* p) { vec r; for (int i = 0; i < 16; i++) r.v[i] = p[i]; return r; }
 static inline void STORE(float* p, vec a) { for (int i = 0; i < 16; i++) p[i] = a.v[i]; }
 static inline vec BCAST(const float* p) { vec r; for (int i = 0; i < 16; i++) r.v[i] = *p; return r; }
-static inline vec FMA(vec a, vec b, vec c) { for (int i = 0; i < 16; i++) c.v[i] = __builtin_fmaf(a.v[i], b.v[i], c.v[i]); return c; }
+static inline vec FMA(vec a, vec b, vec c)
+{
+    for (int i = 0; i < 16; i++) c.v[i] = __builtin_fmaf(a.v[i], b.v[i], c.v[i]);
+    return c;
+}
 
 static inline void q4_pair(const uint8_t* bytes, vec d, vec m, vec* lo, vec* hi)
 {
