@@ -181,12 +181,10 @@ class HFRunner:
 
         transformers.logging.set_verbosity_error()  # min_new_tokens without an eos id warns on every call
         self.model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map=args.device).eval()
-        self.eager_forward = self.model.forward
         self.compiled = args.hf_compile
         if self.compiled:
-            # Prefill and decode shapes of every batch size each compile a graph: lift dynamo's limit of 8.
+            # Each batch size compiles its own decode graph: lift dynamo's limit of 8.
             torch._dynamo.config.cache_size_limit = 256
-            self.model.forward = torch.compile(self.model.forward, mode="reduce-overhead", fullgraph=True)
         self.compile_error = None
 
     @property
@@ -196,9 +194,12 @@ class HFRunner:
 
     def generate(self, prompts: list[list[int]], max_tokens: int) -> None:
         ids = torch.tensor(prompts, device=self.model.device)  # equal lengths: no padding needed
+        # With the static cache, generate compiles the decode step itself (CUDA graphs, "reduce-overhead") and
+        # runs the prefill eagerly: its documented fastest path. Wrapping forward in torch.compile ourselves
+        # breaks instead (the static cache's lazily allocated tensors become CUDA-graph outputs).
         kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
                       min_new_tokens=max_tokens, do_sample=False, pad_token_id=0, cache_implementation="static",
-                      disable_compile=True)  # our compiled forward, not generate's own auto-compile on top of it
+                      disable_compile=not self.compiled)
         try:
             out = self.model.generate(**kwargs)
         except Exception as error:  # compilation fails inside the first call of a new shape
@@ -206,9 +207,8 @@ class HFRunner:
                 raise
             log(f"  transformers: torch.compile failed, falling back to eager: {type(error).__name__}: {error}")
             self.compiled, self.compile_error = False, f"{type(error).__name__}: {error}"
-            self.model.forward = self.eager_forward
             torch._dynamo.reset()
-            out = self.model.generate(**kwargs)
+            out = self.model.generate(**{**kwargs, "disable_compile": True})
         assert out.shape == (len(prompts), len(prompts[0]) + max_tokens)
 
 
@@ -225,6 +225,7 @@ def measure(runner, args, vocab_size: int) -> dict[str, list[float]]:
         t_first = timed(lambda: runner.generate(single, 1), args.device)
         results["decode"].append((args.decode_tokens - 1) / max(t_all - t_first, 1e-9))
         results["decode_ttft"].append(t_first * 1000)
+    log(f"  {runner.name}: batch-1 decode {fmt(results['decode'])} tok/s, TTFT {fmt(results['decode_ttft'])} ms")
     for batch in args.batches:
         log(f"  {runner.name}: batch {batch}, {args.prompt_len} + {args.gen_len} tokens")
         prompts = random_prompts(batch, args.prompt_len, vocab_size, seed=1000 + batch)
@@ -236,6 +237,7 @@ def measure(runner, args, vocab_size: int) -> dict[str, list[float]]:
             seconds = timed(lambda: runner.generate(prompts, args.gen_len), args.device)
             results[f"tput{batch}"].append(batch * args.gen_len / seconds)
             results[f"ttft{batch}"].append(1000 * timed(lambda: runner.generate(prompts, 1), args.device))
+        log(f"  {runner.name}: batch {batch} {fmt(results[f'tput{batch}'])} tok/s, TTFT {fmt(results[f'ttft{batch}'])} ms")
     return results
 
 
