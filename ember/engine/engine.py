@@ -75,7 +75,8 @@ class LLMEngine:
         self.runner = ModelRunner(config, checkpoint.hf_config, checkpoint.tensors, self.tokenizer.eos_token_ids, quantize)
         self.max_model_len = self.runner.max_model_len
         del checkpoint
-        self.kv_cache = KVCacheManager(self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
+        self.kv_cache = KVCacheManager(self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching,
+                                       num_lookahead_slots=int(self.runner.use_lookahead))
         self.scheduler = Scheduler(config.scheduler, self.kv_cache)
         self.speculation = config.speculation
         self.spec_stats = SpecDecodeStats(config.speculation.num_speculative_tokens)

@@ -27,12 +27,15 @@ def hash_block(parent_hash: int | None, token_ids: tuple[int, ...]) -> int:
 
 
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True, num_lookahead_slots: int = 0):
+        """`num_lookahead_slots`: tokens past each step's own whose blocks a request is given when the pool has
+        them to spare (the GPU runner decodes the next token before it is scheduled: ModelRunner.execute)."""
         if num_blocks < 1:
             raise ValueError(f"the KV cache needs at least one block, got {num_blocks}")
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        self.num_lookahead_slots = num_lookahead_slots
         self.blocks = [Block(i) for i in range(num_blocks)]
         # Used blocks with ref_count 0, in eviction order (front = evicted first). Cached ones stay matchable.
         self.free_queue: OrderedDict[int, None] = OrderedDict()
@@ -101,11 +104,17 @@ class KVCacheManager:
         """
         held = self.req_block_ids.setdefault(request.request_id, [])
         num_computed = request.num_computed_tokens + len(computed_block_ids) * self.block_size
-        num_needed = self.num_blocks_for(num_computed + num_new_tokens) - len(held) - len(computed_block_ids)
+        num_held = len(held) + len(computed_block_ids)
+        num_needed = self.num_blocks_for(num_computed + num_new_tokens) - num_held
         # Cache hits sitting in the free queue are taken out of it, so they cannot also serve as new blocks.
         num_hits_free = sum(1 for b in computed_block_ids if self.blocks[b].ref_count == 0)
-        if num_needed > self.num_free_blocks - num_hits_free:
+        num_available = self.num_free_blocks - num_hits_free
+        if num_needed > num_available:
             return False
+        # The next token's block too when the pool has it to spare (never at the cost of a preemption).
+        num_needed_ahead = self.num_blocks_for(num_computed + num_new_tokens + self.num_lookahead_slots) - num_held
+        if num_needed_ahead <= num_available:
+            num_needed = max(num_needed, num_needed_ahead)
         for block_id in computed_block_ids:
             self._touch(block_id)
         held.extend(computed_block_ids)

@@ -50,12 +50,17 @@ class DecodeGraphs:
                 pool = graph.pool()
                 self.graphs[size] = graph
 
-    def run(self, input_ids: list[int], positions: list[int], slots: list[int], seq_lens: list[int],
+    def run(self, input_ids: list[int] | torch.Tensor, positions: list[int], slots: list[int], seq_lens: list[int],
             block_tables: list[list[int]]) -> torch.Tensor:  # [num_seqs, hidden_size]
+        """`input_ids`: host values, or a device tensor (a lookahead step's tokens, sampled on the device)."""
         num_seqs = len(seq_lens)
         size = self.buckets[bisect.bisect_left(self.buckets, num_seqs)]
         num_pad = size - num_seqs
-        _copy_in(self.input_ids[:size], input_ids + [0] * num_pad)
+        if isinstance(input_ids, torch.Tensor):
+            self.input_ids[:num_seqs].copy_(input_ids)
+            self.input_ids[num_seqs:size].zero_()
+        else:
+            _copy_in(self.input_ids[:size], input_ids + [0] * num_pad)
         _copy_in(self.positions[:size], positions + [0] * num_pad)
         _copy_in(self.slot_mapping[:size], slots + [self.pad_slot] * num_pad)
         _copy_in(self.seq_lens[:size], seq_lens + [0] * num_pad)

@@ -4,6 +4,7 @@ Two paths above the same model code: the CPU path (torch reference ops, host-lis
 the GPU path (`use_triton`: Triton kernels, metadata as device tensors, CUDA graphs for decode steps)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -22,12 +23,30 @@ if TYPE_CHECKING:  # read by duck typing; the engine imports the runner, not the
     from ember.engine.scheduler_output import SchedulerOutput
 
 
+@dataclass
+class _LookaheadRow:
+    row: int  # in the lookahead's hidden states
+    position: int
+    block_id: int  # the block the position's K/V went to
+    token_id: int = -1  # the token the row was fed: the previous step's sample, known once it reaches the host
+
+
+@dataclass
+class _Lookahead:
+    """The next decode step's forward, launched before this step's tokens reach the host (see `execute`)."""
+    hidden: torch.Tensor  # [num_rows, hidden_size]
+    rows: dict[str, _LookaheadRow]
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig, hf_config: dict, tensors: dict[str, torch.Tensor], eos_token_ids: set[int],
-                 quantize: str | None = None, use_triton: bool | None = None, profile_kv_memory: bool = True):
+                 quantize: str | None = None, use_triton: bool | None = None, profile_kv_memory: bool = True,
+                 lookahead: bool | None = None):
         """`quantize`: "int4" | "int8" | None (see ember.runner.device.resolve_quantization). `use_triton`: the GPU
         path's kernels; None: on a GPU. The tests run that path on the CPU under Triton's interpreter.
-        `profile_kv_memory`: on a GPU, size the KV cache from the free memory (else from kv_cache_memory_gib)."""
+        `profile_kv_memory`: on a GPU, size the KV cache from the free memory (else from kv_cache_memory_gib).
+        `lookahead`: launch each step's likely successor before the host has its tokens (see `execute`); None:
+        with CUDA graphs and without speculative decoding (whose steps are never plain decodes)."""
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         self.device = resolve_device(config.model.device)
@@ -70,6 +89,11 @@ class ModelRunner:
             self.graphs = DecodeGraphs(self.model, self.kv_caches, config.scheduler.max_num_seqs,
                                        -(-self.max_model_len // self.block_size), self.num_blocks * self.block_size)
         self.sampler = Sampler(eos_token_ids)
+        if lookahead is None:
+            lookahead = self.graphs is not None and config.speculation.speculative == "none"
+        self.use_lookahead = lookahead
+        self.lookahead: _Lookahead | None = None
+        self.num_lookahead_rows_used = 0  # decode rows whose forward was the lookahead's (tests, metrics)
         self.seed = config.model.seed
         self.generators: dict[str, torch.Generator] = {}  # per seeded request, alive until it finishes
 
@@ -89,18 +113,10 @@ class ModelRunner:
         for request_id in scheduler_output.finished_request_ids:
             self.generators.pop(request_id, None)
         requests = scheduler_output.requests
+        lookahead, self.lookahead = self.lookahead, None
         if not requests:
             return {}
-        input_ids, positions, slots, query_start_loc = [], [], [], [0]
-        for r in requests:
-            input_ids += r.token_ids
-            token_positions = range(r.start_position, r.start_position + r.num_tokens)
-            positions += token_positions
-            slots += [r.block_ids[p // self.block_size] * self.block_size + p % self.block_size for p in token_positions]
-            query_start_loc.append(query_start_loc[-1] + r.num_tokens)
-        seq_lens = [r.start_position + r.num_tokens for r in requests]
-        block_tables = [r.block_ids for r in requests]
-        hidden = self._forward(input_ids, positions, slots, query_start_loc, seq_lens, block_tables)  # [num_tokens, hidden]
+        hidden, query_start_loc = self._hidden_states(requests, lookahead)  # [num_tokens, hidden_size]
         # Logits of each sampled request's last row, and of the rows after each proposed token.
         plain, speculative, plain_rows, spec_rows = [], [], [], []
         for i, r in enumerate(requests):
@@ -118,14 +134,88 @@ class ModelRunner:
         results = {}
         if plain:
             bitmasks = [(token_bitmasks or {}).get(r.request_id) for r in plain]
-            tokens = self.sampler(logits[: len(plain)], plain, [self._generator(r) for r in plain], bitmasks)
+            # Whilst the host waits for this step's tokens and then schedules the next step, the device can
+            # already run that step's forward: each request's decode of the token just sampled, fed on the
+            # device. The next `execute` uses the rows its requests match and computes the others.
+            # (Those whose next position has no block yet are left out: the scheduler gives each request the
+            # next token's block ahead when it can, see KVCacheManager.num_lookahead_slots.)
+            ahead = [i for i, r in enumerate(plain) if self._has_next_slot(r)] if self.use_lookahead and not speculative else []
+            on_sampled = None
+            if ahead:
+                on_sampled = lambda token_ids: self._launch_lookahead(  # noqa: E731
+                    [plain[i] for i in ahead],
+                    token_ids if len(ahead) == len(plain) else token_ids[to_device(ahead, torch.long, self.device)])
+            tokens = self.sampler(logits[: len(plain)], plain, [self._generator(r) for r in plain], bitmasks,
+                                  on_sampled=on_sampled)
             results = {r.request_id: [token] for r, token in zip(plain, tokens)}
+            if self.lookahead is not None:
+                for r, token in zip(plain, tokens):
+                    if r.request_id in self.lookahead.rows:
+                        self.lookahead.rows[r.request_id].token_id = token.token_id
         if speculative:
             token_ids = verify_proposals(logits[len(plain):], speculative, [self._generator(r) for r in speculative])
             results |= {r.request_id: [SampledToken(t) for t in ids] for r, ids in zip(speculative, token_ids)}
         return results
 
-    def _forward(self, input_ids: list[int], positions: list[int], slots: list[int], query_start_loc: list[int],
+    def _hidden_states(self, requests: list, lookahead: _Lookahead | None) -> tuple[torch.Tensor, list[int]]:
+        """The step's hidden states ([num_tokens, hidden_size]) and its query_start_loc: the lookahead's rows for
+        the decodes it ran as this step has them (same position, token and block), a forward for the rest."""
+        reused = {}  # index in requests -> lookahead row
+        for i, r in enumerate(requests):
+            row = lookahead.rows.get(r.request_id) if lookahead is not None else None
+            if (row is not None and r.num_tokens == 1 and not r.num_spec_tokens and r.start_position == row.position
+                    and r.token_ids[0] == row.token_id and r.block_ids[row.position // self.block_size] == row.block_id):
+                reused[i] = row.row
+        self.num_lookahead_rows_used += len(reused)
+        fresh = [r for i, r in enumerate(requests) if i not in reused]
+        query_start_loc = [0]
+        for r in requests:
+            query_start_loc.append(query_start_loc[-1] + r.num_tokens)
+        if not fresh:
+            rows = list(reused.values())
+            if rows == list(range(len(lookahead.hidden))):
+                return lookahead.hidden, query_start_loc
+            return lookahead.hidden[to_device(rows, torch.long, self.device)], query_start_loc
+        # Gather the reused rows first: the fresh forward may replay the CUDA graph whose output holds them.
+        kept = lookahead.hidden[to_device(list(reused.values()), torch.long, self.device)] if reused else None
+        input_ids, positions, slots, fresh_start_loc = [], [], [], [0]
+        for r in fresh:
+            input_ids += r.token_ids
+            token_positions = range(r.start_position, r.start_position + r.num_tokens)
+            positions += token_positions
+            slots += [r.block_ids[p // self.block_size] * self.block_size + p % self.block_size for p in token_positions]
+            fresh_start_loc.append(fresh_start_loc[-1] + r.num_tokens)
+        seq_lens = [r.start_position + r.num_tokens for r in fresh]
+        hidden = self._forward(input_ids, positions, slots, fresh_start_loc, seq_lens, [r.block_ids for r in fresh])
+        if kept is None:
+            return hidden, query_start_loc
+        # Rows of cat([kept, hidden]) in the step's order.
+        order, next_kept, next_fresh = [], 0, len(reused)
+        for i, r in enumerate(requests):
+            if i in reused:
+                order.append(next_kept)
+                next_kept += 1
+            else:
+                order += range(next_fresh, next_fresh + r.num_tokens)
+                next_fresh += r.num_tokens
+        return torch.cat([kept, hidden])[to_device(order, torch.long, self.device)], query_start_loc
+
+    def _has_next_slot(self, request) -> bool:
+        """Whether the request's next decode has its K/V slot already: its position is within the blocks held."""
+        position = request.start_position + request.num_tokens
+        return position < self.max_model_len and position // self.block_size < len(request.block_ids)
+
+    def _launch_lookahead(self, requests: list, token_ids: torch.Tensor) -> None:
+        """Queues the decode of `token_ids` (on the device, one per request) at each request's next position."""
+        positions = [r.start_position + r.num_tokens for r in requests]
+        block_ids = [r.block_ids[p // self.block_size] for r, p in zip(requests, positions)]
+        slots = [b * self.block_size + p % self.block_size for b, p in zip(block_ids, positions)]
+        hidden = self._forward(token_ids, positions, slots, list(range(len(requests) + 1)), [p + 1 for p in positions],
+                               [r.block_ids for r in requests])
+        self.lookahead = _Lookahead(hidden, {r.request_id: _LookaheadRow(i, p, b)
+                                             for i, (r, p, b) in enumerate(zip(requests, positions, block_ids))})
+
+    def _forward(self, input_ids: list[int] | torch.Tensor, positions: list[int], slots: list[int], query_start_loc: list[int],
                  seq_lens: list[int], block_tables: list[list[int]],
                  kv_caches: list[torch.Tensor] | None = None) -> torch.Tensor:  # [num_tokens, hidden_size]
         is_decode = len(input_ids) == len(seq_lens)  # one new token per sequence
@@ -136,7 +226,9 @@ class ModelRunner:
         else:
             metadata = AttentionMetadata(slot_mapping=to_device(slots, torch.long, self.device),
                                          query_start_loc=query_start_loc, seq_lens=seq_lens, block_tables=block_tables)
-        return self.model(to_device(input_ids, torch.long, self.device), to_device(positions, torch.long, self.device),
+        if not isinstance(input_ids, torch.Tensor):
+            input_ids = to_device(input_ids, torch.long, self.device)
+        return self.model(input_ids, to_device(positions, torch.long, self.device),
                           self.kv_caches if kv_caches is None else kv_caches, metadata)
 
     @torch.inference_mode()

@@ -7,7 +7,7 @@ Sampling uses the exponential race (argmax of p / q, q ~ Exp(1)) instead of torc
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
@@ -32,6 +32,7 @@ class Sampler:
         requests: list["ScheduledRequest"],
         generators: list[torch.Generator | None],
         bitmasks: list[torch.Tensor | None] | None = None,  # per request: int32 [ceil(vocab_size / 32)] or None
+        on_sampled: Callable[[torch.Tensor], None] | None = None,  # given the ids on the device, before the host reads them
     ) -> list[SampledToken]:
         logits = logits.float()
         raw_logprobs = None
@@ -58,6 +59,8 @@ class Sampler:
                 logits[random_rows], [requests[i] for i in random_rows], [generators[i] for i in random_rows]
             )
 
+        if on_sampled is not None:
+            on_sampled(token_ids)
         token_id_list = token_ids.tolist()
         results = []
         for i, request in enumerate(requests):

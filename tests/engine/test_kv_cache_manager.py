@@ -136,3 +136,23 @@ def test_prefix_caching_disabled():
 def test_zero_blocks_is_an_error():
     with pytest.raises(ValueError, match="at least one block"):
         KVCacheManager(num_blocks=0, block_size=4)
+
+
+def test_lookahead_slot_takes_the_next_block_only_when_spare():
+    kv = KVCacheManager(num_blocks=4, block_size=4, num_lookahead_slots=1)
+    a = make_request("a", list(range(8)))  # 2 full blocks; the next token (position 8) opens a third
+    allocate_prompt(kv, a)
+    assert len(kv.block_ids("a")) == 3
+    assert kv.blocks[kv.block_ids("a")[2]].block_hash is None  # the block ahead holds no token yet: not cached
+    b = make_request("b", list(range(100, 104)))  # one block, and one ahead that the pool no longer has
+    allocate_prompt(kv, b)
+    assert len(kv.block_ids("b")) == 1 and kv.num_free_blocks == 0
+    kv.check_integrity()
+
+
+def test_lookahead_slot_never_costs_an_allocation():
+    kv = KVCacheManager(num_blocks=3, block_size=4, num_lookahead_slots=1)
+    a = make_request("a", list(range(12)))  # exactly the pool: the block ahead is not there to take
+    assert kv.allocate_slots(a, 12)
+    assert len(kv.block_ids("a")) == 3 and kv.num_free_blocks == 0
+    kv.check_integrity()
