@@ -59,9 +59,20 @@ class Sampler:
                 logits[random_rows], [requests[i] for i in random_rows], [generators[i] for i in random_rows]
             )
 
-        if on_sampled is not None:
+        if on_sampled is not None and token_ids.is_cuda:
+            # The ids' copy to the host is queued before what on_sampled launches, so reading them waits for
+            # this step alone.
+            host_ids = torch.empty(token_ids.shape, dtype=token_ids.dtype, pin_memory=True)
+            host_ids.copy_(token_ids, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record()
             on_sampled(token_ids)
-        token_id_list = token_ids.tolist()
+            copied.synchronize()
+            token_id_list = host_ids.tolist()
+        else:
+            if on_sampled is not None:
+                on_sampled(token_ids)
+            token_id_list = token_ids.tolist()
         results = []
         for i, request in enumerate(requests):
             num_top = request.params.logprobs
