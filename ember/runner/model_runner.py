@@ -114,6 +114,9 @@ class ModelRunner:
             self.generators.pop(request_id, None)
         requests = scheduler_output.requests
         lookahead, self.lookahead = self.lookahead, None
+        if lookahead is not None:  # a finished request's id may come back with another request
+            for request_id in scheduler_output.finished_request_ids:
+                lookahead.rows.pop(request_id, None)
         if not requests:
             return {}
         hidden, query_start_loc = self._hidden_states(requests, lookahead)  # [num_tokens, hidden_size]

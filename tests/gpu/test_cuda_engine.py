@@ -30,7 +30,7 @@ def release(llm) -> None:
 
 def test_defaults_select_the_gpu_path(cuda_llm):
     runner = cuda_llm.engine.runner
-    assert runner.device.type == "cuda" and runner.use_triton and runner.graphs is not None
+    assert runner.device.type == "cuda" and runner.use_triton and runner.graphs is not None and runner.use_lookahead
     assert runner.kv_caches[0].is_cuda and runner.num_blocks > 0
     free, total = torch.cuda.mem_get_info()
     assert total - free <= (SHARED_UTILIZATION + 0.05) * total  # the KV cache stayed within the cap, and a margin
@@ -49,11 +49,12 @@ def test_greedy_matches_the_cpu_path(cuda_llm):
 def test_cuda_graphs_match_eager(cuda_llm):
     eager = LLM(progress=False, device="cuda", dtype="float32", quantize="none", max_model_len=512, max_num_seqs=8,
                 enforce_eager=True, gpu_memory_utilization=2 * SHARED_UTILIZATION)
-    assert eager.engine.runner.graphs is None
+    assert eager.engine.runner.graphs is None and not eager.engine.runner.use_lookahead
     for n in (1, 3):  # bucket 1, and 3 padded to bucket 4
         a = [o.outputs[0].token_ids for o in cuda_llm.generate(PROMPTS[:n], GREEDY, use_tqdm=False)]
         b = [o.outputs[0].token_ids for o in eager.generate(PROMPTS[:n], GREEDY, use_tqdm=False)]
         assert a == b
+    assert cuda_llm.engine.runner.num_lookahead_rows_used > 0  # the graphs' side ran its decodes ahead
     release(eager)
 
 
