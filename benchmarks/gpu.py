@@ -3,8 +3,8 @@
 In one run, on the same weights and prompts: device bandwidth (a large device-to-device copy) and the batch-1
 decode roofline it implies (bandwidth / weight bytes read per token); batch-1 decode tokens/s against it; for
 each --batches size, output tokens/s (--prompt-len-token prompts, --gen-len new tokens) and TTFT (same prompts,
-one token). transformers runs with its static cache and, on CUDA, `torch.compile` of its forward (its docs'
-recipe). Prints medians of --repeats with min-max, the ratio Ember / transformers and the issue's two targets.
+one token). transformers runs with its static cache and, on CUDA, generate's own `torch.compile` of the
+decode step (its docs' recipe). Prints medians of --repeats with min-max, the ratio Ember / transformers and the issue's two targets.
 Nothing is downloaded: the model is built with seeded random weights and saved as safetensors in --workdir
 (reused when it holds that shape). Not a test: run it with nothing else on the machine.
 
@@ -262,7 +262,7 @@ def main() -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=None, help="Ember's step budget (8192 cuda, 2048 cpu)")
     parser.add_argument("--quantize", default="none", help="Ember's weight quantization (none, int8 on cuda)")
     parser.add_argument("--hf-compile", action=argparse.BooleanOptionalAction, default=None,
-                        help="torch.compile transformers' forward (default: on for cuda, off for cpu)")
+                        help="let transformers' generate compile its decode step (default: on for cuda, off for cpu)")
     parser.add_argument("--skip-hf", action="store_true")
     args = parser.parse_args()
     is_cuda = args.device.startswith("cuda")

@@ -186,7 +186,7 @@ class ModelRunner:
             input_ids += r.token_ids
             token_positions = range(r.start_position, r.start_position + r.num_tokens)
             positions += token_positions
-            slots += [r.block_ids[p // self.block_size] * self.block_size + p % self.block_size for p in token_positions]
+            slots += [self._slot(r.block_ids, p) for p in token_positions]
             fresh_start_loc.append(fresh_start_loc[-1] + r.num_tokens)
         seq_lens = [r.start_position + r.num_tokens for r in fresh]
         hidden = self._forward(input_ids, positions, slots, fresh_start_loc, seq_lens, [r.block_ids for r in fresh])
@@ -203,6 +203,10 @@ class ModelRunner:
                 next_fresh += r.num_tokens
         return torch.cat([kept, hidden])[to_device(order, torch.long, self.device)], query_start_loc
 
+    def _slot(self, block_ids: list[int], position: int) -> int:
+        """The flat KV-cache slot of a sequence's position."""
+        return block_ids[position // self.block_size] * self.block_size + position % self.block_size
+
     def _has_next_slot(self, request) -> bool:
         """Whether the request's next decode has its K/V slot already: its position is within the blocks held."""
         position = request.start_position + request.num_tokens
@@ -211,8 +215,8 @@ class ModelRunner:
     def _launch_lookahead(self, requests: list, token_ids: torch.Tensor) -> None:
         """Queues the decode of `token_ids` (on the device, one per request) at each request's next position."""
         positions = [r.start_position + r.num_tokens for r in requests]
-        block_ids = [r.block_ids[p // self.block_size] for r, p in zip(requests, positions)]
-        slots = [b * self.block_size + p % self.block_size for b, p in zip(block_ids, positions)]
+        slots = [self._slot(r.block_ids, p) for r, p in zip(requests, positions)]
+        block_ids = [slot // self.block_size for slot in slots]
         hidden = self._forward(token_ids, positions, slots, list(range(len(requests) + 1)), [p + 1 for p in positions],
                                [r.block_ids for r in requests])
         self.lookahead = _Lookahead(hidden, {r.request_id: _LookaheadRow(i, p, b)

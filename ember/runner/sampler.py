@@ -59,20 +59,7 @@ class Sampler:
                 logits[random_rows], [requests[i] for i in random_rows], [generators[i] for i in random_rows]
             )
 
-        if on_sampled is not None and token_ids.is_cuda:
-            # The ids' copy to the host is queued before what on_sampled launches, so reading them waits for
-            # this step alone.
-            host_ids = torch.empty(token_ids.shape, dtype=token_ids.dtype, pin_memory=True)
-            host_ids.copy_(token_ids, non_blocking=True)
-            copied = torch.cuda.Event()
-            copied.record()
-            on_sampled(token_ids)
-            copied.synchronize()
-            token_id_list = host_ids.tolist()
-        else:
-            if on_sampled is not None:
-                on_sampled(token_ids)
-            token_id_list = token_ids.tolist()
+        token_id_list = to_host(token_ids, on_sampled)
         results = []
         for i, request in enumerate(requests):
             num_top = request.params.logprobs
@@ -85,6 +72,22 @@ class Sampler:
                     logprobs += list(zip(ids.tolist(), values.tolist()))
             results.append(SampledToken(token_id_list[i], logprobs))
         return results
+
+
+def to_host(token_ids: torch.Tensor, on_sampled: Callable[[torch.Tensor], None] | None) -> list[int]:
+    """The ids as a host list, with `on_sampled(token_ids)` called first. On a GPU the ids' copy to the host is
+    queued before what on_sampled launches, so reading them waits for this step's work alone."""
+    if on_sampled is None or not token_ids.is_cuda:
+        if on_sampled is not None:
+            on_sampled(token_ids)
+        return token_ids.tolist()
+    host_ids = torch.empty(token_ids.shape, dtype=token_ids.dtype, pin_memory=True)
+    host_ids.copy_(token_ids, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+    on_sampled(token_ids)
+    copied.synchronize()
+    return host_ids.tolist()
 
 
 def apply_token_bitmasks(logits: torch.Tensor, rows: list[int], bitmasks: torch.Tensor) -> None:
