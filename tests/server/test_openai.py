@@ -154,7 +154,9 @@ def test_sixteen_concurrent_streams_match_alone(client):
 
 
 def test_cancelled_stream_is_aborted(server, client):
-    """A client that closes a long stream after a few tokens frees its slot within a second."""
+    """A client that closes a long stream after a few tokens frees its slot long before the 1000 tokens could
+    have been generated (>= 12 s at this model's fastest CPU decode): the bound is generous for a loaded CI
+    machine, not a speed claim."""
     stream = client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=1000, temperature=0, stream=True, extra_body={"ignore_eos": True})
     received = 0
     for chunk in stream:
@@ -165,7 +167,7 @@ def test_cancelled_stream_is_aborted(server, client):
     stream.close()
     closed_at = time.monotonic()
     while server.metric("ember:num_requests_running") != 0:
-        assert time.monotonic() - closed_at < 1.0, "the cancelled request is still running"
+        assert time.monotonic() - closed_at < 5.0, "the cancelled request is still running"
         time.sleep(0.05)
     assert client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=2, temperature=0).choices[0].text
 
