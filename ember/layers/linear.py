@@ -14,6 +14,7 @@ class Linear(nn.Module):
     """y = x W^T + b, where W stacks one block of rows per entry of `output_sizes` (e.g. q, k, v)."""
 
     use_triton = False  # the GPU path's kernels (set by the runner before `quantize`)
+    int8_activations = False  # CPU int4 copies: the int8-activation kernel (set by the runner before `quantize`)
 
     def __init__(
         self,
@@ -58,7 +59,7 @@ class Linear(nn.Module):
         if kind == "int8":
             self.quantized = Int8Weight(self.weight.data)
         elif self.weight.shape[1] % INT4_GROUP_SIZE == 0:  # else it stays dense
-            self.quantized = Int4Weight(self.weight.data)
+            self.quantized = Int4Weight(self.weight.data, self.int8_activations)
         if self.batch_invariant:  # its GEMMs run on the plain matrix
             return
         if getattr(self, "quantized", None) is not None and self.quantized.max_rows is None:

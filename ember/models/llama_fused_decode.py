@@ -17,7 +17,8 @@ def _q4(linear) -> cpu_kernels.Q4Linear | None:
         return None  # (the C layer writes each projection's exact width: no padded columns)
     bias = linear.bias
     return cpu_kernels.Q4Linear(weight.qs.data_ptr(), weight.d.data_ptr(), weight.m.data_ptr(),
-                                None if bias is None else bias.data_ptr(), weight.out_features, weight.in_features)
+                                None if bias is None else bias.data_ptr(), weight.out_features, weight.in_features,
+                                weight.int8_activations)
 
 
 def fuse_layer(layer) -> cpu_kernels.DecoderLayer | None:

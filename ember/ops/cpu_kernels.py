@@ -20,12 +20,13 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("qlinear.c", "pointwise.c", "attention.c", "prefill_attention.c", "decode_layer.c")
+SOURCES = ("qlinear.c", "qlinear_i8.c", "pointwise.c", "attention.c", "prefill_attention.c", "decode_layer.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC"]
 
 _P, _I64, _INT, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 SIGNATURES = {
     "q4_linear": [_P, _I64, _I64, _P, _P, _P, _I64, _P, _INT],
+    "q4_i8_linear": [_P, _I64, _I64, _P, _P, _P, _I64, _P, _INT],
     "q8_linear": [_P, _I64, _I64, _P, _P, _I64, _P, _INT],
     "rms_norm": [_P, _I64, _P, _P, _P, _P, _I64, _I64, _F, _INT],
     "silu_and_mul": [_P, _P, _I64, _I64, _INT],
@@ -96,7 +97,13 @@ def load(flags: list[str] = FLAGS) -> ctypes.CDLL | None:
     for name, argtypes in SIGNATURES.items():
         getattr(lib, name).argtypes = argtypes
         getattr(lib, name).restype = None
+    lib.q4_i8_supported.argtypes, lib.q4_i8_supported.restype = [], _INT
     return lib
+
+
+def int8_activations_supported() -> bool:
+    """qlinear_i8.c's matmul is built here (the CPU has AVX512-VNNI)."""
+    return kernels() is not None and bool(kernels().q4_i8_supported())
 
 
 def usable(*tensors: torch.Tensor) -> bool:
@@ -113,6 +120,17 @@ def q4_linear(x: torch.Tensor, qs: torch.Tensor, d: torch.Tensor, m: torch.Tenso
     out = x.new_empty(num_rows, out_features)
     kernels().q4_linear(x.data_ptr(), num_rows, in_features, qs.data_ptr(), d.data_ptr(), m.data_ptr(), out_features,
                         out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+def q4_i8_linear(x: torch.Tensor, qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """As q4_linear, with x rounded to int8 per block of 32 inputs and qs in qlinear_i8.c's layout
+    ([N/16, K/32, 4, 16, 4] uint8)."""
+    num_rows, in_features = x.shape
+    out_features = qs.shape[0] * 16
+    out = x.new_empty(num_rows, out_features)
+    kernels().q4_i8_linear(x.data_ptr(), num_rows, in_features, qs.data_ptr(), d.data_ptr(), m.data_ptr(),
+                           out_features, out.data_ptr(), torch.get_num_threads())
     return out
 
 
@@ -181,7 +199,8 @@ def paged_attention(
 
 # decode_layer.c's structs, field for field
 class Q4Linear(ctypes.Structure):
-    _fields_ = [("qs", _P), ("d", _P), ("m", _P), ("bias", _P), ("out_features", _I64), ("in_features", _I64)]
+    _fields_ = [("qs", _P), ("d", _P), ("m", _P), ("bias", _P), ("out_features", _I64), ("in_features", _I64),
+                ("int8_activations", _I64)]
 
 
 class DecoderLayer(ctypes.Structure):

@@ -68,6 +68,8 @@ class ModelRunner:
                 module.use_triton = True
             if use_c_kernels and hasattr(module, "use_c_kernels"):
                 module.use_c_kernels = True
+            if use_c_kernels and hasattr(module, "int8_activations"):
+                module.int8_activations = config.model.int8_activations
         if quantize:  # weight-only copies (see Linear.quantize)
             for module in self.model.modules():
                 if hasattr(module, "quantize"):

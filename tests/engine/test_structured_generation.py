@@ -56,7 +56,7 @@ def test_outputs_obey_their_constraints(fast_llm):
     prompts = ["Write one record as JSON:"] * len(cases)
     params = [constrained(80, t, json=schema) for schema, t in cases]
     # (json_object in a chat turn: after the bare "A user record in JSON:" this 135M model loops on digits)
-    prompts += ["<|im_start|>user\nGive me a JSON object with a name.<|im_end|>\n<|im_start|>assistant\n", "Call me at", "The capital of France is", "Answer yes or no: is the sky blue?"]
+    prompts += ["<|im_start|>user\nGive me a JSON object with a name and an age.<|im_end|>\n<|im_start|>assistant\n", "Call me at", "The capital of France is", "Answer yes or no: is the sky blue?"]
     params += [
         constrained(48, json_object=True),
         constrained(24, regex=r"\(\d{3}\) \d{3}-\d{4}"),

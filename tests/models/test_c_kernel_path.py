@@ -2,9 +2,9 @@
 (Llama, llama3 RoPE + tied head, biases, Qwen2, Qwen3's per-head norm, Mistral's sliding window):
 - with float32 weights, every module on its C kernel against Hugging Face transformers (atol = rtol = 1e-4 on
   logits, as the torch path);
-- with int4 weights, decode steps through the fused per-layer C call (models/llama_fused_decode.py) against the
-  same model's module-by-module path: bitwise equal (same kernels, same order), for one sequence and for a
-  batch mixing decodes with a speculative verification.
+- with int4 weights (float32 or int8 activations), decode steps through the fused per-layer C call
+  (models/llama_fused_decode.py) against the same model's module-by-module path: bitwise equal (same kernels,
+  same order), for one sequence and for a batch mixing decodes with a speculative verification.
 """
 import pytest
 import torch
@@ -37,16 +37,22 @@ def test_float32_model_on_the_c_kernels_matches_hf(case):
     torch.testing.assert_close(torch.cat(logits), hf_logits(hf, tokens), atol=ATOL, rtol=RTOL)
 
 
+@pytest.mark.parametrize("int8_activations", [False, True])
 @pytest.mark.parametrize("case", CASES)
-def test_fused_decode_layers_equal_the_module_path_bitwise(case, monkeypatch):
+def test_fused_decode_layers_equal_the_module_path_bitwise(case, int8_activations, monkeypatch):
+    if int8_activations and not cpu_kernels.int8_activations_supported():
+        pytest.skip("no AVX512-VNNI")
     calls = []
     real = cpu_kernels.decoder_layer
     monkeypatch.setattr(cpu_kernels, "decoder_layer", lambda *args: calls.append(1) or real(*args))
     hf, hf_config = build_hf(case)
     model = with_c_kernels(build_ember(hf, hf_config))
     for module in model.modules():
+        if hasattr(module, "int8_activations"):
+            module.int8_activations = int8_activations
         if hasattr(module, "quantize"):
             module.quantize("int4")
+    assert all(layer.mlp.down_proj.quantized.int8_activations == int8_activations for layer in model.model.layers)
     assert model.fuse_decode_layers()
     fused_layers = model.model.fused_layers
 

@@ -1,8 +1,10 @@
 """Ember's C kernels for the CPU path (ember/ops/csrc) against PyTorch references: the 4-/8-bit matmuls on
 both paths (registers up to 4 rows, dequantized panels beyond) at every tile shape (partial row tiles,
 column groups and panels, a second chunk of rows), the fused RMSNorm (with residual, strided rows), SiLU-mul,
-in-place rotary and paged attention for short queries (GQA, sliding window, mixed with a prefill). Each runs twice: the build for this CPU (AVX-512 here) and the portable C build
-(-mno-avx512f: what a machine without AVX-512 compiles). Float32 throughout: only summation order differs."""
+in-place rotary and paged attention for short queries (GQA, sliding window, mixed with a prefill), and the
+int4 matmul with int8 activations (AVX512-VNNI builds) against its exact rounding. Each runs twice: the build
+for this CPU (AVX-512 here) and the portable C build (-mno-avx512f: what a machine without AVX-512 compiles).
+Float32 throughout: only summation order differs."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -60,11 +62,39 @@ def test_quantized_rows_do_not_depend_on_the_batch(lib):
     """Bitwise: a row alone (register path) equals that row in a batch (panel path, any tile position)."""
     weight = torch.randn(37, 2048, generator=gen(3))  # a partial column group and panel; 2 chunks of rows at K=2048
     x = torch.randn(45, 2048, generator=gen(4))
-    for layer in (Int4Weight(weight), Int8Weight(weight)):
+    for layer in (Int4Weight(weight), Int8Weight(weight), Int4Weight(weight, int8_activations=True)):
         whole = layer.linear(x, None)
         assert torch.equal(whole, torch.cat([layer.linear(x[i : i + 1], None) for i in range(45)]))
         assert torch.equal(whole[3:9], layer.linear(x[3:9], None))
         assert torch.equal(whole[5:8], layer.linear(x[5:8], None))
+
+
+def int8_reference(x: torch.Tensor, layer: Int4Weight) -> torch.Tensor:
+    """What qlinear_i8.c computes, in float64: x rounded to int8 per block of 32 (scale max|x| / 127, to nearest
+    even), then d * dx * sum(q qx) + m * dx * sum(qx) per block."""
+    rows, k = x.shape
+    blocks = x.view(rows, k // 32, 32)  # the rounding in float32, as the kernel does it
+    amax = blocks.abs().amax(-1, keepdim=True)
+    qx = (blocks * torch.where(amax > 0, 127 / amax, 0)).round()  # [M, K / 32, 32]
+    dx = amax / 127
+    w = layer.dequantized().double()  # d * q + m: q and the block's d, m recovered exactly
+    return torch.einsum("rbi,nbi->rn", (qx * dx).double(), w.view(-1, k // 32, 32))
+
+
+@pytest.mark.parametrize("out_features,in_features", [(96, 128), (10, 1536), (3, 64), (21, 4096), (48, 576)])
+def test_q4_int8_activations_match_the_rounded_reference(lib, out_features, in_features):
+    weight = torch.randn(out_features, in_features, generator=gen(0))
+    layer, exact = Int4Weight(weight, int8_activations=True), Int4Weight(weight)
+    if not layer.int8_activations:
+        pytest.skip("no AVX512-VNNI in this build")
+    assert torch.equal(layer.dequantized(), exact.dequantized())  # the same weight, another layout
+    for rows in [*range(1, 10), 19]:  # every tile shape: 1-4 rows x 1-3 column groups
+        x = torch.randn(rows, in_features, generator=gen(rows)) * torch.rand(in_features, generator=gen(9)) * 4
+        x[0, :32] = 0  # an all-zero block (scale 0)
+        out = layer.linear(x, None)
+        torch.testing.assert_close(out.double(), int8_reference(x, layer), rtol=1e-5, atol=5e-4)
+        float_out = exact.linear(x, None)  # against float32 activations: x's rounding, ~0.5% of the output
+        assert ((out - float_out).norm() / float_out.norm()).item() < 0.02
 
 
 def test_rms_norm_with_and_without_residual(lib):

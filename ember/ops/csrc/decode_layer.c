@@ -7,6 +7,8 @@
 
 void q4_linear(const float* x, int64_t M, int64_t K, const uint8_t* qs, const float* d, const float* m, int64_t N,
                float* out, int num_threads);
+void q4_i8_linear(const float* x, int64_t M, int64_t K, const uint8_t* qs, const float* d, const float* m, int64_t N,
+                  float* out, int num_threads);
 void rms_norm(const float* x, int64_t x_stride, const float* residual, float* residual_out, const float* weight,
               float* out, int64_t M, int64_t H, float eps, int num_threads);
 void silu_and_mul(const float* x, float* out, int64_t M, int64_t d, int num_threads);
@@ -24,6 +26,7 @@ typedef struct {  // a 4-bit weight as q4_linear takes it, and its optional bias
     const float* m;
     const float* bias;
     int64_t out_features, in_features;
+    int64_t int8_activations;  // qs in qlinear_i8.c's layout, applied to int8-rounded activations
 } Q4Linear;
 
 typedef struct {
@@ -47,7 +50,8 @@ typedef struct {  // the step: this batch's rows and the paged cache (attention.
 
 static void linear(const Q4Linear* w, const float* x, int64_t M, float* out, int num_threads)
 {
-    q4_linear(x, M, w->in_features, w->qs, w->d, w->m, w->out_features, out, num_threads);
+    (w->int8_activations ? q4_i8_linear : q4_linear)(x, M, w->in_features, w->qs, w->d, w->m, w->out_features, out,
+                                                     num_threads);
     if (w->bias)
         for (int64_t r = 0; r < M; r++)
             for (int64_t n = 0; n < w->out_features; n++) out[r * w->out_features + n] += w->bias[n];
