@@ -84,8 +84,8 @@ class Int4Weight:
         q = (groups - w_min[..., None]).div_(scale[..., None]).round_().clamp_(0, 15).to(torch.uint8)
         half = INT4_GROUP_SIZE // 2
         if self.int8_activations:  # byte (s, c, i) of a block: column c's input 4s + i (low nibble), 16 + 4s + i
-            nibbles = (q[..., :half] | (q[..., half:] << 4)).view(rows, -1, 4, 4)  # [N, K / 32, 4 s, 4 i]
-            self.qs = _column_groups(nibbles).movedim(-1, -2).contiguous()  # [N / 16, K / 32, 4 s, 16 c, 4 i]
+            nibbles = (q[..., :half] | (q[..., half:] << 4)).view(rows // KERNEL_COLUMN_GROUP, KERNEL_COLUMN_GROUP, -1, 4, 4)
+            self.qs = nibbles.permute(0, 2, 3, 1, 4).contiguous()  # [N / 16, K / 32, 4 s, 16 c, 4 i]: one copy
             return
         if self.use_kernel:  # byte (j, c) of a block: column c's input j (low nibble) and j + 16 (high)
             self.qs = _column_groups(q[..., :half] | (q[..., half:] << 4))  # [N / 16, K / 32, 16 j, 16 c]
