@@ -43,6 +43,22 @@ static inline void axpy(float w, const float* x, float* y, int64_t n)  // y += w
     for (int64_t e = 0; e < n; e++) y[e] += w * x[e];
 }
 
+// Each head's scores (hn rows of n) turned into softmax numerators in place; inv[h] = 1 / their sum.
+static void softmax_numerators(float* scores, int64_t hn, int64_t n, float* inv)
+{
+    for (int64_t h = 0; h < hn; h++) {
+        float* sh = scores + h * n;
+        float mx = -INFINITY, sum = 0.0f;
+#pragma omp simd reduction(max : mx)
+        for (int64_t j = 0; j < n; j++) mx = sh[j] > mx ? sh[j] : mx;
+#pragma omp simd
+        for (int64_t j = 0; j < n; j++) sh[j] = expf(sh[j] - mx);
+#pragma omp simd reduction(+ : sum)
+        for (int64_t j = 0; j < n; j++) sum += sh[j];
+        inv[h] = 1.0f / sum;
+    }
+}
+
 #if defined(__AVX512F__)
 // out[i] = the sum of v[i]'s 16 lanes: a transpose-and-add tree (45 shuffles and adds for 16 sums, against
 // ~8 each for a horizontal sum per vector).
@@ -88,17 +104,7 @@ static inline __attribute__((always_inline)) void attend_avx512(
         }
     }
     float inv[MAX_GROUP];
-    for (int64_t h = 0; h < hn; h++) {  // softmax numerators
-        float* sh = scores + h * n;
-        float mx = -INFINITY, sum = 0.0f;
-#pragma omp simd reduction(max : mx)
-        for (int64_t j = 0; j < n; j++) mx = sh[j] > mx ? sh[j] : mx;
-#pragma omp simd
-        for (int64_t j = 0; j < n; j++) sh[j] = expf(sh[j] - mx);
-#pragma omp simd reduction(+ : sum)
-        for (int64_t j = 0; j < n; j++) sum += sh[j];
-        inv[h] = 1.0f / sum;
-    }
+    softmax_numerators(scores, hn, n, inv);
     for (int64_t h = 0; h < hn; h++) {  // weighted values
         const float* sh = scores + h * n;
         __m512 a[16], b[16];
@@ -138,17 +144,8 @@ static void attend_scalar(const float* qh, int64_t hn, const float* k_cache, con
         for (int64_t r = 0; r < run; r++, kp += slot_stride)
             for (int64_t h = 0; h < hn; h++) scores[h * n + p - first + r] = dot(qh + h * head_dim, kp, head_dim) * scale;
     }
-    float sums[MAX_GROUP];
-    for (int64_t h = 0; h < hn; h++) {  // softmax numerators
-        float* sh = scores + h * n;
-        float mx = -INFINITY, sum = 0.0f;
-        for (int64_t j = 0; j < n; j++) mx = sh[j] > mx ? sh[j] : mx;
-#pragma omp simd
-        for (int64_t j = 0; j < n; j++) sh[j] = expf(sh[j] - mx);
-#pragma omp simd reduction(+ : sum)
-        for (int64_t j = 0; j < n; j++) sum += sh[j];
-        sums[h] = sum;
-    }
+    float inv[MAX_GROUP];
+    softmax_numerators(scores, hn, n, inv);
     for (int64_t e = 0; e < hn * head_dim; e++) o[e] = 0.0f;
     for (int64_t p = first, slot, run; p <= pos; p += run) {  // weighted values, a block at a time
         run = block_run(blocks, block_size, p, pos + 1, &slot);
@@ -156,10 +153,8 @@ static void attend_scalar(const float* qh, int64_t hn, const float* k_cache, con
         for (int64_t r = 0; r < run; r++, vp += slot_stride)
             for (int64_t h = 0; h < hn; h++) axpy(scores[h * n + p - first + r], vp, o + h * head_dim, head_dim);
     }
-    for (int64_t h = 0; h < hn; h++) {
-        const float inv = 1.0f / sums[h];
-        for (int64_t e = 0; e < head_dim; e++) o[h * head_dim + e] *= inv;
-    }
+    for (int64_t h = 0; h < hn; h++)
+        for (int64_t e = 0; e < head_dim; e++) o[h * head_dim + e] *= inv[h];
 }
 
 static void attend(const float* qh, int64_t hn, const float* k_cache, const float* v_cache, const int64_t* blocks,
