@@ -41,7 +41,8 @@ class DraftProposer:
     def __init__(self, config: EngineConfig, target_vocab_size: int, eos_token_ids: set[int], progress: bool):
         path = config.speculation.draft_model
         device = resolve_device(config.model.device)
-        checkpoint = load_checkpoint(path, dtype=resolve_dtype(config.model.dtype, device), progress=progress)
+        checkpoint = load_checkpoint(path, dtype=resolve_dtype(config.model.dtype, device), progress=progress,
+                                     int4_blocks=True)
         vocab_size = checkpoint.hf_config["vocab_size"]
         if vocab_size != target_vocab_size:
             raise ValueError(f"the draft model {path} has a vocabulary of {vocab_size} tokens, the target {target_vocab_size}: "

@@ -61,7 +61,9 @@ class LLMEngine:
         self.config = config
         path = config.model.model or embedded_model_path()
         device = resolve_device(config.model.device)
-        checkpoint = load_checkpoint(path, dtype=resolve_dtype(config.model.dtype, device), progress=progress)
+        # Q4_0 / Q4_1 matrices as their blocks: the runner repacks them for its int4 kernel or dequantizes them.
+        checkpoint = load_checkpoint(path, dtype=resolve_dtype(config.model.dtype, device), progress=progress,
+                                     int4_blocks=True)
         self.model_path = checkpoint.path
         if checkpoint.gguf_metadata is not None:
             self.tokenizer = Tokenizer.from_gguf_metadata(checkpoint.gguf_metadata)

@@ -6,6 +6,7 @@ path (`use_triton`) an int8 weight that replaces the plain one for every batch s
 import torch
 from torch import nn
 
+from ember.int4_blocks import Int4Blocks
 from ember.ops.linear import (INT4_GROUP_SIZE, Int4Weight, Int8Weight, PrepackedWeight, can_prepack,
                               linear)
 
@@ -15,6 +16,9 @@ class Linear(nn.Module):
 
     use_triton = False  # the GPU path's kernels (set by the runner before `quantize`)
     int8_activations = False  # CPU int4 copies: the int8-activation kernel (set by the runner before `quantize`)
+    # Int4Blocks from the loader are kept for `quantize` to repack, the float weight never written (set by the
+    # runner before loading, when int4 copies on the C kernels will replace the float weight)
+    keep_int4_blocks = False
 
     def __init__(
         self,
@@ -29,6 +33,7 @@ class Linear(nn.Module):
         self.batch_invariant = batch_invariant
         self.weight = nn.Parameter(torch.empty(sum(output_sizes), input_size, dtype=dtype), requires_grad=False)
         self.weight.weight_loader = self.weight_loader
+        self.int4_blocks: dict[int, Int4Blocks] = {}  # by shard (0 for a whole weight)
         self.bias = None
         if bias:
             self.bias = nn.Parameter(torch.empty(sum(output_sizes), dtype=dtype), requires_grad=False)
@@ -40,6 +45,10 @@ class Linear(nn.Module):
         if shard_id is not None:
             offset = sum(self.output_sizes[:shard_id])
             target = target.narrow(0, offset, self.output_sizes[shard_id])
+        if isinstance(loaded, Int4Blocks) and param is self.weight and self.keep_int4_blocks:
+            check_shape(target, loaded)
+            self.int4_blocks[shard_id or 0] = loaded
+            return
         copy_checked(target, loaded)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [num_tokens, input_size] -> [num_tokens, sum(output_sizes)]
@@ -56,6 +65,16 @@ class Linear(nn.Module):
             self.prepacked = TritonInt8Weight(self.weight.data)
             self.weight.data = self.weight.data.new_empty(0, self.weight.shape[1])
             return
+        if kind == "int4" and len(self.int4_blocks) == len(self.output_sizes):  # straight from the file's blocks
+            blocks = Int4Blocks.cat([self.int4_blocks[i] for i in sorted(self.int4_blocks)])
+            self.int4_blocks = {}
+            self.quantized = Int4Weight.from_blocks(blocks, self.int8_activations)
+            self.weight.data = self.weight.data.new_empty(0, self.weight.shape[1])  # never written
+            return
+        for shard_id, blocks in self.int4_blocks.items():  # some shards came as floats: write these beside them
+            offset = sum(self.output_sizes[:shard_id])
+            self.weight.data.narrow(0, offset, blocks.shape[0]).copy_(blocks.dequantize())
+        self.int4_blocks = {}
         if kind == "int8":
             self.quantized = Int8Weight(self.weight.data)
         elif self.weight.shape[1] % INT4_GROUP_SIZE == 0:  # else it stays dense
@@ -83,8 +102,12 @@ def quantized_or_dense(module: nn.Module, x: torch.Tensor, weight: torch.Tensor,
     return linear(x, weight, bias, module.batch_invariant)
 
 
-def copy_checked(target: torch.Tensor, loaded: torch.Tensor) -> None:
-    """In-place copy (casting dtype) that refuses a shape mismatch instead of broadcasting."""
+def check_shape(target: torch.Tensor, loaded: torch.Tensor | Int4Blocks) -> None:
     if tuple(loaded.shape) != tuple(target.shape):
         raise ValueError(f"checkpoint shape {tuple(loaded.shape)} does not match expected {tuple(target.shape)}")
-    target.copy_(loaded)
+
+
+def copy_checked(target: torch.Tensor, loaded: torch.Tensor | Int4Blocks) -> None:
+    """In-place copy (casting dtype, dequantizing blocks) that refuses a shape mismatch instead of broadcasting."""
+    check_shape(target, loaded)
+    target.copy_(loaded.dequantize() if isinstance(loaded, Int4Blocks) else loaded)

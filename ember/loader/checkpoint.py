@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from gguf import LlamaFileType
 
+from ember.int4_blocks import Int4Blocks
 from ember.loader.gguf import load_gguf
 from ember.loader.hub import resolve_model_path
 from ember.loader.safetensors import load_hf_folder
@@ -20,7 +21,7 @@ class Checkpoint:
     path: str  # resolved local path: the .gguf file or the HF folder
     format: str  # "gguf" | "hf"
     hf_config: dict  # config.json-style, HF key names (rope_theta and rope_scaling always present)
-    tensors: dict[str, torch.Tensor]  # HF parameter names; lm_head.weight only when the checkpoint has it
+    tensors: dict[str, torch.Tensor | Int4Blocks]  # HF parameter names; lm_head.weight only when the checkpoint has it
     gguf_metadata: dict | None  # GGUF: every metadata field as plain Python values; HF: None
 
     @property
@@ -37,8 +38,10 @@ class Checkpoint:
         return any(kind in name for kind in ("Q4", "Q3", "Q2", "IQ1", "IQ2", "IQ3", "IQ4"))
 
 
-def load_checkpoint(path: str, dtype: torch.dtype = torch.float32, progress: bool = True) -> Checkpoint:
-    """Load every weight of a model, dequantized to `dtype`, with its HF-style config.
+def load_checkpoint(path: str, dtype: torch.dtype = torch.float32, progress: bool = True,
+                    int4_blocks: bool = False) -> Checkpoint:
+    """Load every weight of a model, dequantized to `dtype`, with its HF-style config; with `int4_blocks`,
+    a GGUF file's Q4_0 / Q4_1 matrices stay `Int4Blocks` (the model's loaders dequantize what they do not keep).
 
     `path` is a .gguf file, a folder with config.json and *.safetensors (sharded or not), or a
     Hugging Face hub id. Raises FileNotFoundError for a path that does not exist, ValueError for
@@ -58,5 +61,5 @@ def load_checkpoint(path: str, dtype: torch.dtype = torch.float32, progress: boo
         raise ValueError(
             f"{local} is not a model: expected a .gguf file or a folder with config.json and *.safetensors weights"
         )
-    hf_config, tensors, metadata = load_gguf(local, dtype, progress)
+    hf_config, tensors, metadata = load_gguf(local, dtype, progress, int4_blocks)
     return Checkpoint(local, "gguf", hf_config, tensors, metadata)

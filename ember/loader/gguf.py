@@ -1,13 +1,17 @@
-"""Read a GGUF file: its metadata as plain Python values and its tensors dequantized under Hugging Face names."""
+"""Read a GGUF file: its metadata as plain Python values and its tensors under Hugging Face names, dequantized
+(or, on request, Q4_0 / Q4_1 matrices kept as their blocks)."""
 from __future__ import annotations
 
 import os
 import re
 
+import numpy as np
 import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.gguf_reader import ReaderTensor
 from tqdm import tqdm
 
+from ember.int4_blocks import Int4Blocks
 from ember.loader import gguf_dequant
 from ember.loader.gguf_config import gguf_to_hf_config
 from ember.loader.gguf_reader import ArrayGGUFReader
@@ -36,8 +40,9 @@ def read_gguf_metadata(path: str) -> dict:
     return _metadata(ArrayGGUFReader(path))
 
 
-def load_gguf(path: str, dtype: torch.dtype, progress: bool) -> tuple[dict, dict[str, torch.Tensor], dict]:
-    """`(hf_config, tensors, metadata)` of a GGUF file, tensors dequantized to `dtype` under HF names.
+def load_gguf(path: str, dtype: torch.dtype, progress: bool, int4_blocks: bool = False) -> tuple[dict, dict, dict]:
+    """`(hf_config, tensors, metadata)` of a GGUF file, tensors dequantized to `dtype` under HF names;
+    with `int4_blocks`, Q4_0 / Q4_1 matrices come as `Int4Blocks` instead (no float copy: start-up time).
 
     Raises ValueError for an unsupported architecture or a tensor with no HF counterpart.
     """
@@ -61,7 +66,7 @@ def load_gguf(path: str, dtype: torch.dtype, progress: bool) -> tuple[dict, dict
     bar = tqdm(by_name.values(), desc=f"Loading {os.path.basename(path)}", unit="tensor", disable=not progress)
     for tensor in bar:
         name, kind = hf_tensor_name(tensor.name)
-        tensors[name] = _load_tensor(tensor, permuted_num_heads.get(kind), dtype)
+        tensors[name] = _load_tensor(tensor, permuted_num_heads.get(kind), dtype, int4_blocks)
     return hf_config, tensors, metadata
 
 
@@ -77,14 +82,36 @@ def hf_tensor_name(gguf_name: str) -> tuple[str, str]:
     return f"model.layers.{match[1]}.{_LAYER_NAMES[match[2]]}.{suffix}", match[2]
 
 
-def _load_tensor(tensor: ReaderTensor, permuted_num_heads: int | None, dtype: torch.dtype) -> torch.Tensor:
+def _load_tensor(tensor: ReaderTensor, permuted_num_heads: int | None, dtype: torch.dtype,
+                 int4_blocks: bool) -> torch.Tensor | Int4Blocks:
     # Un-permute before dequantizing: it moves whole rows and a row is whole quantization blocks, so a
     # later hook that keeps weights quantized can take the raw rows from here unchanged.
     data = tensor.data  # [rows, bytes per row] for quantized types, [rows, cols] (or [cols]) otherwise
     if permuted_num_heads:
         data = _unpermute_rows(data, permuted_num_heads)
+    if int4_blocks and tensor.tensor_type in _INT4_TYPES and data.ndim == 2:
+        return _int4_blocks(data, tensor.tensor_type)
     weights = gguf_dequant.dequantize(data, tensor.tensor_type)  # [out_features, in_features]: GGUF lists dims reversed
     return weights.to(dtype)
+
+
+_INT4_TYPES = (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1)
+
+
+def _int4_blocks(data, tensor_type: GGMLQuantizationType) -> Int4Blocks:
+    # Q4_0 block: float16 d, 16 bytes of nibbles (w = d * (q - 8)); Q4_1: float16 d, float16 m, nibbles.
+    # Each field copied once out of the read-only map, as its own array.
+    _, type_size = GGML_QUANT_SIZES[tensor_type]
+    rows, row_bytes = data.shape
+    blocks = data.reshape(rows, row_bytes // type_size, type_size)
+
+    def half(start: int) -> torch.Tensor:  # [rows, blocks] float32
+        return torch.from_numpy(blocks[..., start:start + 2].copy().view(np.float16)[..., 0]).float()
+
+    d = half(0)
+    if tensor_type == GGMLQuantizationType.Q4_0:
+        return Int4Blocks(torch.from_numpy(blocks[..., 2:].copy()), d, d * -8)
+    return Int4Blocks(torch.from_numpy(blocks[..., 4:].copy()), d, half(2))
 
 
 def _unpermute_rows(data, num_heads: int):  # numpy array in, numpy array out

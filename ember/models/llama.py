@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ember.int4_blocks import Int4Blocks
 from ember.layers.activation import SiluAndMul
 from ember.layers.attention import Attention, AttentionMetadata
 from ember.layers.embedding import LMHead, VocabEmbedding
@@ -196,6 +197,8 @@ class LlamaForCausalLM(nn.Module):
         if missing or unexpected:
             raise ValueError(f"weights do not match the model: missing {_few(missing)}; unexpected {_few(unexpected)}")
         head = tensors.get("lm_head.weight")
+        if isinstance(head, Int4Blocks):
+            head = head.dequantize()
         if self.tie_word_embeddings and head is not None and not torch.equal(head.to(self.lm_head.weight.device, self.dtype), self.lm_head.weight):
             raise ValueError("tie_word_embeddings is set but lm_head.weight differs from model.embed_tokens.weight")
 

@@ -3,6 +3,7 @@ weight-only int4 / int8 matmuls for small row counts (Ember's C kernels, else Py
 import torch
 import torch.nn.functional as F
 
+from ember.int4_blocks import Int4Blocks
 from ember.ops import cpu_kernels
 
 # Every GEMM of the batch-invariant path sees exactly this many rows. BLAS (MKL/oneDNN on CPU) picks its
@@ -57,7 +58,7 @@ class Int4Weight:
     """Asymmetric min-max int4 per group of 32 inputs: w = d * q + m, q in 0..15.
 
     For a GGUF Q4_1 weight (w = d * q + m, each block spanning q = 0..15, as llama.cpp quantizes it) this
-    recovers q, d and m. Stored for Ember's C kernel (d and m float16 values held as float32, in groups of 16
+    recovers q, d and m (`from_blocks` takes them from the file directly). Stored for Ember's C kernel (d and m float16 values held as float32, in groups of 16
     columns: qlinear.c's layout) or, without it, for `torch.ops.aten._weight_int4pack_mm_for_cpu`, which
     computes (q - 8) * scale + zero: scale = d, zero = m + 8d, in bfloat16.
 
@@ -79,20 +80,36 @@ class Int4Weight:
         self.max_rows = None if self.use_kernel else TORCH_QUANTIZED_MAX_ROWS  # None: every batch
         if self.use_kernel:  # d and m rounded to float16 (a GGUF block's own), q computed against them
             scale, w_min = scale.half().clamp_(min=2**-24).float(), w_min.half().float()
-            self.d, self.m = _column_groups(scale), _column_groups(w_min)  # [N / 16, K / 32, 16]
         # One temporary, then in place: each fresh full-size tensor costs start-up time in page faults.
         q = (groups - w_min[..., None]).div_(scale[..., None]).round_().clamp_(0, 15).to(torch.uint8)
-        half = INT4_GROUP_SIZE // 2
-        if self.int8_activations:  # byte (s, c, i) of a block: column c's input 4s + i (low nibble), 16 + 4s + i
-            nibbles = (q[..., :half] | (q[..., half:] << 4)).view(rows // KERNEL_COLUMN_GROUP, KERNEL_COLUMN_GROUP, -1, 4, 4)
-            self.qs = nibbles.permute(0, 2, 3, 1, 4).contiguous()  # [N / 16, K / 32, 4 s, 16 c, 4 i]: one copy
-            return
-        if self.use_kernel:  # byte (j, c) of a block: column c's input j (low nibble) and j + 16 (high)
-            self.qs = _column_groups(q[..., :half] | (q[..., half:] << 4))  # [N / 16, K / 32, 16 j, 16 c]
+        if self.use_kernel:
+            half = INT4_GROUP_SIZE // 2
+            self._store_for_kernel(q[..., :half] | (q[..., half:] << 4), scale, w_min)
             return
         self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.view(out_features, in_features).int(), 2)
         scales_and_zeros = torch.stack([scale, w_min + 8 * scale], -1).transpose(0, 1)  # [in // group, out, 2]
         self.scales_and_zeros = scales_and_zeros.contiguous().to(torch.bfloat16)
+
+    @classmethod
+    def from_blocks(cls, blocks: Int4Blocks, int8_activations: bool = False) -> "Int4Weight":
+        """The C kernel's copy of a GGUF Q4_0 / Q4_1 weight: the file's bytes reshuffled, nothing rounded (the
+        caller has checked that the kernels are built)."""
+        self = cls.__new__(cls)
+        self.out_features, self.in_features = blocks.shape
+        self.use_kernel, self.max_rows = True, None
+        self.int8_activations = int8_activations and cpu_kernels.int8_activations_supported()
+        self._store_for_kernel(*(_padded_rows(t, KERNEL_COLUMN_GROUP) for t in (blocks.qs, blocks.d, blocks.m)))
+        return self
+
+    def _store_for_kernel(self, packed: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> None:
+        """packed uint8 [N, K / 32, 16] (byte j: input j in the low nibble, j + 16 in the high), d and m float32
+        [N, K / 32]; N a multiple of 16."""
+        self.d, self.m = _column_groups(d), _column_groups(m)  # [N / 16, K / 32, 16]
+        if self.int8_activations:  # byte (s, c, i) of a block: column c's input 4s + i (low nibble), 16 + 4s + i
+            nibbles = packed.view(packed.shape[0] // KERNEL_COLUMN_GROUP, KERNEL_COLUMN_GROUP, -1, 4, 4)
+            self.qs = nibbles.permute(0, 2, 3, 1, 4).contiguous()  # [N / 16, K / 32, 4 s, 16 c, 4 i]: one copy
+        else:  # byte (j, c) of a block: column c's input j (low nibble) and j + 16 (high)
+            self.qs = _column_groups(packed)  # [N / 16, K / 32, 16 j, 16 c]
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:  # [num_tokens, out], x's dtype
         if self.use_kernel:  # a float32 weight, so a float32 model
@@ -122,9 +139,15 @@ class Int8Weight:
 
     def __init__(self, weight: torch.Tensor):  # [out_features, in_features]
         self.out_features, self.in_features = weight.shape
-        # max |w| without an abs() copy of the matrix (and amin + amax beat torch.aminmax ~3x on CPU)
-        scale = (torch.maximum(-weight.float().amin(1), weight.float().amax(1)) / 127).clamp(min=1e-12)  # [out]
-        q = (weight.float() / scale[:, None]).round_().clamp_(-127, 127).to(torch.int8)
+        scale = weight.new_empty(self.out_features, dtype=torch.float32)  # [out]
+        q = weight.new_empty(weight.shape, dtype=torch.int8)
+        # A few hundred rows at a time: each step's temporaries stay in cache (start-up time for a big head).
+        for start in range(0, self.out_features, 512):
+            w = weight[start:start + 512].float()
+            # max |w| without an abs() copy (and amin + amax beat torch.aminmax ~3x on CPU)
+            s = (torch.maximum(-w.amin(1), w.amax(1)) / 127).clamp_(min=1e-12)
+            scale[start:start + 512] = s
+            q[start:start + 512] = w.div(s[:, None]).round_().clamp_(-127, 127)
         self.use_kernel = cpu_kernels.usable(weight) and weight.shape[1] % 32 == 0
         self.max_rows = None if self.use_kernel else TORCH_QUANTIZED_MAX_ROWS  # None: every batch
         if self.use_kernel:

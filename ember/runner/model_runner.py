@@ -58,11 +58,15 @@ class ModelRunner:
         model_class = get_model_class(hf_config.get("architectures") or [])
         with torch.device(self.device):  # parameters and buffers are born on the device
             self.model = model_class(hf_config, dtype=self.dtype, batch_invariant=config.batch_invariant)
-        self.model.load_weights(tensors)
-        self.model.eval()
         # The CPU path's C kernels where they apply (float32; built for this CPU, see ember.ops.cpu_kernels)
         use_c_kernels = not self.use_triton and self.device.type == "cpu" and self.dtype == torch.float32 and (
             cpu_kernels.kernels() is not None)
+        if quantize == "int4" and use_c_kernels and not config.batch_invariant:  # int4 copies straight from the file
+            for module in self.model.modules():
+                if hasattr(module, "keep_int4_blocks"):
+                    module.keep_int4_blocks = True
+        self.model.load_weights(tensors)
+        self.model.eval()
         for module in self.model.modules():
             if self.use_triton and hasattr(module, "use_triton"):
                 module.use_triton = True

@@ -12,8 +12,10 @@ import pytest
 import torch
 
 from ember import LLM, SamplingParams
+from ember.int4_blocks import Int4Blocks
 from ember.layers.embedding import LMHead
 from ember.layers.linear import Linear
+from ember.loader import load_checkpoint
 from ember.ops import cpu_kernels
 from ember.ops.linear import TORCH_QUANTIZED_MAX_ROWS, Int4Weight, Int8Weight
 
@@ -85,6 +87,49 @@ def test_quantized_linear_replaces_the_plain_matrix(c_kernels, monkeypatch):
             torch.testing.assert_close(layer(x), reference, rtol=1e-5, atol=1e-5)
 
 
+def q4_1_blocks(weight: torch.Tensor) -> Int4Blocks:
+    """The Int4Blocks of a `q4_1_weight` (each block spans q = 0..15, so min-max recovers d, m and q)."""
+    groups = weight.view(weight.shape[0], -1, 32)
+    m = groups.amin(-1)
+    d = (groups.amax(-1) - m) / 15
+    q = ((groups - m[..., None]) / d[..., None]).round().to(torch.uint8)
+    return Int4Blocks(q[..., :16] | (q[..., 16:] << 4), d, m)
+
+
+@pytest.mark.parametrize("int8_activations", [False, True])
+@pytest.mark.parametrize("shards_as_blocks", [(0, 1), (0,)])
+def test_linear_from_gguf_blocks_equals_the_float_path(int8_activations, shards_as_blocks, monkeypatch):
+    """A Linear given GGUF blocks (keep_int4_blocks) builds the same int4 copy as from the float weight, and
+    never writes its float matrix; with only some shards as blocks it dequantizes them beside the others."""
+    if cpu_kernels.kernels() is None:
+        pytest.skip("Ember's C kernels are not built")
+    monkeypatch.setattr(Linear, "int8_activations", int8_activations)
+    weight = q4_1_weight(96, 128, seed=10)
+    assert torch.equal(q4_1_blocks(weight).dequantize(), weight)
+    layers = []
+    for blocks in (True, False):
+        layer = Linear(128, [64, 32], bias=False, dtype=torch.float32)
+        layer.keep_int4_blocks = blocks
+        for shard_id, rows in enumerate((weight[:64], weight[64:])):
+            layer.weight_loader(layer.weight, q4_1_blocks(rows) if shard_id in shards_as_blocks else rows, shard_id)
+        layer.quantize()
+        assert layer.weight.numel() == 0 and not layer.int4_blocks
+        layers.append(layer)
+    from_blocks, from_floats = layers
+    assert from_blocks.quantized.int8_activations == from_floats.quantized.int8_activations
+    for name in ("qs", "d", "m"):
+        assert torch.equal(getattr(from_blocks.quantized, name), getattr(from_floats.quantized, name)), name
+    x = torch.randn(5, 128, generator=torch.Generator().manual_seed(11))
+    assert torch.equal(from_blocks(x), from_floats(x))
+
+
+def test_linear_refuses_blocks_of_the_wrong_shape():
+    layer = Linear(128, [64, 32], bias=False, dtype=torch.float32)
+    layer.keep_int4_blocks = True
+    with pytest.raises(ValueError, match=r"\(32, 128\) does not match expected \(64, 128\)"):
+        layer.weight_loader(layer.weight, q4_1_blocks(q4_1_weight(32, 128)), 0)
+
+
 def test_batch_invariant_linear_keeps_its_plain_weight():
     layer = Linear(64, [32], bias=False, dtype=torch.float32, batch_invariant=True)
     layer.weight_loader(layer.weight, torch.randn(32, 64), None)
@@ -119,6 +164,21 @@ def test_lm_head_on_the_c_kernel_is_int8_at_every_batch_and_drops_its_untied_mat
 def dense_and_int4():
     options = dict(progress=False, max_model_len=512, kv_cache_memory_gib=0.1)
     return LLM(quantize="none", **options), LLM(quantize="int4", **options)
+
+
+def test_embedded_model_int4_copies_are_the_files_blocks(dense_and_int4):
+    """The engine builds its int4 copies from the GGUF's Q4_1 blocks; min-max requantizing the dequantized
+    floats (the path for other checkpoints) recovers the very same q, d and m on this file."""
+    _, int4 = dense_and_int4
+    checkpoint = load_checkpoint(int4.engine.model_path, progress=False)
+    layer = int4.engine.runner.model.model.layers[3]
+    for name, module, hf_names in (("qkv", layer.self_attn.qkv_proj, ("q_proj", "k_proj", "v_proj")),
+                                   ("down", layer.mlp.down_proj, ("down_proj",))):
+        prefix = "model.layers.3." + ("self_attn." if name == "qkv" else "mlp.")
+        weight = torch.cat([checkpoint.tensors[prefix + n + ".weight"] for n in hf_names])
+        requantized = Int4Weight(weight, module.int8_activations)
+        for field in ("qs", "d", "m"):
+            assert torch.equal(getattr(module.quantized, field), getattr(requantized, field)), (name, field)
 
 
 def test_embedded_model_int4_stays_close_to_dense(dense_and_int4):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from ember.int4_blocks import Int4Blocks
 from ember.loader import SUPPORTED_ARCHITECTURES, embedded_model_path, load_checkpoint, resolve_model_path
 from ember.loader.gguf_config import llama3_rope_factors
 
@@ -70,9 +71,9 @@ def llama_cpp_permute(weights: np.ndarray, num_heads: int) -> np.ndarray:
     )
 
 
-def write_gguf(path, arch, hf_tensors, *, num_heads, num_kv_heads, head_dim, rope_freqs=None, quantize=()):
-    """A GGUF of `arch` holding `hf_tensors` (HF names), converted as llama.cpp would. Tensors named in
-    `quantize` are stored as Q8_0; returns what a loader should give back for each."""
+def write_gguf(path, arch, hf_tensors, *, num_heads, num_kv_heads, head_dim, rope_freqs=None, quantize=None):
+    """A GGUF of `arch` holding `hf_tensors` (HF names), converted as llama.cpp would. `quantize`: HF name →
+    GGML type for tensors stored quantized; returns what a loader should give back for each."""
     hidden_size = hf_tensors["model.embed_tokens.weight"].shape[1]
     vocab_size = hf_tensors["model.embed_tokens.weight"].shape[0]
     writer = gguf.GGUFWriter(str(path), arch)
@@ -110,8 +111,8 @@ def write_gguf(path, arch, hf_tensors, *, num_heads, num_kv_heads, head_dim, rop
         data = tensor.numpy()
         if arch == "llama" and gguf_stem.endswith(("attn_q", "attn_k")):
             data = llama_cpp_permute(data, num_heads if gguf_stem.endswith("attn_q") else num_kv_heads)
-        if hf_name in quantize:
-            qtype = gguf.GGMLQuantizationType.Q8_0
+        if hf_name in (quantize or {}):
+            qtype = quantize[hf_name]
             raw = gguf.quants.quantize(data, qtype)
             writer.add_tensor(f"{gguf_stem}.{suffix}", raw, raw_shape=raw.shape, raw_dtype=qtype)
             # Quantization blocks run along rows, so quantizing commutes with the row permutation.
@@ -180,7 +181,9 @@ LLAMA3_SCALING = {
 def test_tiny_gguf_round_trip(tmp_path, arch, kwargs):
     heads = {k: kwargs[k] for k in ("num_heads", "num_kv_heads", "head_dim")}
     hf_tensors = random_hf_tensors(**kwargs)
-    quantize = {"model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.k_proj.weight"}
+    types = gguf.GGMLQuantizationType
+    quantize = {"model.layers.0.self_attn.q_proj.weight": types.Q4_1, "model.layers.1.self_attn.k_proj.weight": types.Q4_0,
+                "model.layers.1.mlp.up_proj.weight": types.Q8_0}
     rope_freqs = llama3_reference_factors(heads["head_dim"], **LLAMA3_SCALING) if arch == "llama" else None
     expected = write_gguf(tmp_path / "tiny.gguf", arch, hf_tensors, **heads, rope_freqs=rope_freqs, quantize=quantize)
 
@@ -188,6 +191,12 @@ def test_tiny_gguf_round_trip(tmp_path, arch, kwargs):
     assert set(checkpoint.tensors) == set(expected)
     for name, tensor in expected.items():
         torch.testing.assert_close(checkpoint.tensors[name], tensor, rtol=0, atol=1e-6, msg=name)
+    # Kept as blocks, the Q4_0 / Q4_1 matrices (Q/K rows un-permuted) give the same float32 bits once dequantized.
+    blocks = load_checkpoint(str(tmp_path / "tiny.gguf"), progress=False, int4_blocks=True).tensors
+    for name, tensor in checkpoint.tensors.items():
+        kept = blocks[name]
+        assert isinstance(kept, Int4Blocks) == (quantize.get(name) in (types.Q4_0, types.Q4_1)), name
+        assert torch.equal(kept.dequantize() if isinstance(kept, Int4Blocks) else kept, tensor), name
     config = checkpoint.hf_config
     assert config["architectures"] == [SUPPORTED_ARCHITECTURES[arch]]
     assert (config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]) == tuple(heads.values())
