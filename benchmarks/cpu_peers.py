@@ -252,14 +252,15 @@ def run_server(name: str, command: list[str], port: int, env: dict, concurrencie
 
     url = f"http://127.0.0.1:{port}/v1/completions"
     body = {"model": "m", "temperature": 0, "ignore_eos": True, "stream": False}
-    log(f"{name}: starting")
-    start = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    try:
-        while True:  # start-up: launch to the first completed token
+
+    def launch() -> tuple[subprocess.Popen, float]:  # start-up: launch to the first completed token
+        start = time.perf_counter()
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+        while True:
             if process.poll() is not None:
                 raise RuntimeError(f"{name} exited with {process.returncode}: {' '.join(command)}")
             if time.perf_counter() - start > 300:
+                stop(process)
                 raise RuntimeError(f"{name} did not answer in 300 s")
             try:
                 response = httpx.post(url, json={**body, "prompt": "Hello", "max_tokens": 1}, timeout=60)
@@ -270,6 +271,17 @@ def run_server(name: str, command: list[str], port: int, env: dict, concurrencie
             time.sleep(0.05)
         startup = time.perf_counter() - start
         log(f"  {name}: first token {startup:.2f} s after launch")
+        return process, startup
+
+    log(f"{name}: starting ({repeats} launches for start-up; the last one serves the runs)")
+    startups = []
+    for _ in range(repeats - 1):
+        process, startup = launch()
+        stop(process)
+        startups.append(startup)
+    process, startup = launch()
+    startups.append(startup)
+    try:
 
         async def level(concurrency: int, salt: int) -> float:
             prompts = [f"Continue this story: {story(salt + i, 48)}" for i in range(concurrency * requests_per_stream)]
@@ -296,14 +308,18 @@ def run_server(name: str, command: list[str], port: int, env: dict, concurrencie
                 figures[c].append(asyncio.run(level(c, 10_000 * (r + 1) + 100 * c)))
                 log(f"  {name} c={c} repeat {r + 1}/{repeats}: {figures[c][-1]:.1f} tok/s")
         rss = rss_mib(process.pid)
-        return {"startup_s": [startup], "rss_mib": [rss], **{f"server{c}": v for c, v in figures.items()}}
+        return {"startup_s": startups, "rss_mib": [rss], **{f"server{c}": v for c, v in figures.items()}}
     finally:
-        process.terminate()
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process)
+
+
+def stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def free_port() -> int:
@@ -479,7 +495,7 @@ def main() -> int:
     notes.append(f"batched-bench: -npp 16 -ntg {sizes['batch_tokens']} -npl {sizes['batch_prompts']}, output tok/s = pl*tg/t; "
                  "Ember's offline batch uses the same shape (16-token prompts)")
     notes.append(f"servers: {sizes['per_stream']} non-streamed /v1/completions per stream, max_tokens {sizes['server_tokens']}, "
-                 "ignore_eos; start-up and RSS are single measurements; RSS includes child processes")
+                 "ignore_eos; start-up: one launch per repeat; RSS is a single measurement and includes child processes")
     lines = print_table(results, notes, args, sizes)
     if args.out:
         with open(args.out, "w") as f:
