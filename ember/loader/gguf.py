@@ -84,8 +84,8 @@ def hf_tensor_name(gguf_name: str) -> tuple[str, str]:
 
 def _load_tensor(tensor: ReaderTensor, permuted_num_heads: int | None, dtype: torch.dtype,
                  int4_blocks: bool) -> torch.Tensor | Int4Blocks:
-    # Un-permute before dequantizing: it moves whole rows and a row is whole quantization blocks, so a
-    # later hook that keeps weights quantized can take the raw rows from here unchanged.
+    # Un-permute before dequantizing: it moves whole rows and a row is whole quantization blocks, so the
+    # raw rows can also be kept as they are (Int4Blocks).
     data = tensor.data  # [rows, bytes per row] for quantized types, [rows, cols] (or [cols]) otherwise
     if permuted_num_heads:
         data = _unpermute_rows(data, permuted_num_heads)

@@ -58,9 +58,10 @@ class Int4Weight:
     """Asymmetric min-max int4 per group of 32 inputs: w = d * q + m, q in 0..15.
 
     For a GGUF Q4_1 weight (w = d * q + m, each block spanning q = 0..15, as llama.cpp quantizes it) this
-    recovers q, d and m (`from_blocks` takes them from the file directly). Stored for Ember's C kernel (d and m float16 values held as float32, in groups of 16
-    columns: qlinear.c's layout) or, without it, for `torch.ops.aten._weight_int4pack_mm_for_cpu`, which
-    computes (q - 8) * scale + zero: scale = d, zero = m + 8d, in bfloat16.
+    recovers q, d and m; `from_blocks` takes them from the file instead. Stored for Ember's C kernel (d and m
+    float16 values held as float32, in groups of 16 columns: qlinear.c's layout) or, without it, for
+    `torch.ops.aten._weight_int4pack_mm_for_cpu`, which computes (q - 8) * scale + zero: scale = d,
+    zero = m + 8d, in bfloat16.
 
     `int8_activations` (where the CPU has AVX512-VNNI): the C kernel of qlinear_i8.c, which rounds x to int8
     per block of 32 inputs (as llama.cpp does) and runs ~2x faster; qs is then in that kernel's layout.
