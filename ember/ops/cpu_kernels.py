@@ -115,22 +115,21 @@ def usable(*tensors: torch.Tensor) -> bool:
 def q4_linear(x: torch.Tensor, qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     """x [M, K] float32 (contiguous) times a 4-bit weight in qlinear.c's layout (qs [N/16, K/32, 16, 16] uint8,
     d and m [N/16, K/32, 16] float32) -> [M, N]."""
-    num_rows, in_features = x.shape
-    out_features = qs.shape[0] * 16
-    out = x.new_empty(num_rows, out_features)
-    kernels().q4_linear(x.data_ptr(), num_rows, in_features, qs.data_ptr(), d.data_ptr(), m.data_ptr(), out_features,
-                        out.data_ptr(), torch.get_num_threads())
-    return out
+    return _q4_matmul(kernels().q4_linear, x, qs, d, m)
 
 
 def q4_i8_linear(x: torch.Tensor, qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     """As q4_linear, with x rounded to int8 per block of 32 inputs and qs in qlinear_i8.c's layout
     ([N/16, K/32, 4, 16, 4] uint8)."""
+    return _q4_matmul(kernels().q4_i8_linear, x, qs, d, m)
+
+
+def _q4_matmul(kernel, x: torch.Tensor, qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     num_rows, in_features = x.shape
     out_features = qs.shape[0] * 16
     out = x.new_empty(num_rows, out_features)
-    kernels().q4_i8_linear(x.data_ptr(), num_rows, in_features, qs.data_ptr(), d.data_ptr(), m.data_ptr(),
-                           out_features, out.data_ptr(), torch.get_num_threads())
+    kernel(x.data_ptr(), num_rows, in_features, qs.data_ptr(), d.data_ptr(), m.data_ptr(), out_features,
+           out.data_ptr(), torch.get_num_threads())
     return out
 
 
