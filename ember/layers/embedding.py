@@ -20,6 +20,7 @@ class LMHead(nn.Module):
     """hidden -> float32 logits; with `tied_to`, it reuses the embedding's parameter instead of owning one."""
 
     use_triton = False  # the GPU path's kernels (set by the runner before `quantize`)
+    int8_activations = False  # the CPU copy: the int8-activation kernel (set by the runner before `quantize`)
 
     def __init__(
         self,
@@ -52,7 +53,7 @@ class LMHead(nn.Module):
             if not self.is_tied:
                 self.weight.data = self.weight.data.new_empty(0, self.weight.shape[1])
             return
-        self.quantized = Int8Weight(self.weight.data)
+        self.quantized = Int8Weight(self.weight.data, self.int8_activations)
         if self.batch_invariant:
             return
         if self.quantized.max_rows is None:

@@ -15,7 +15,7 @@ class Linear(nn.Module):
     """y = x W^T + b, where W stacks one block of rows per entry of `output_sizes` (e.g. q, k, v)."""
 
     use_triton = False  # the GPU path's kernels (set by the runner before `quantize`)
-    int8_activations = False  # CPU int4 copies: the int8-activation kernel (set by the runner before `quantize`)
+    int8_activations = False  # CPU copies: the int8-activation kernels (set by the runner before `quantize`)
     # Int4Blocks from the loader are kept for `quantize` to repack, the float weight never written (set by the
     # runner before loading, when int4 copies on the C kernels will replace the float weight)
     keep_int4_blocks = False
@@ -76,7 +76,7 @@ class Linear(nn.Module):
             self.weight.data.narrow(0, offset, blocks.shape[0]).copy_(blocks.dequantize())
         self.int4_blocks = {}
         if kind == "int8":
-            self.quantized = Int8Weight(self.weight.data)
+            self.quantized = Int8Weight(self.weight.data, self.int8_activations)
         elif self.weight.shape[1] % INT4_GROUP_SIZE == 0:  # else it stays dense
             self.quantized = Int4Weight(self.weight.data, self.int8_activations)
         if self.batch_invariant:  # its GEMMs run on the plain matrix

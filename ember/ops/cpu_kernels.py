@@ -28,6 +28,7 @@ SIGNATURES = {
     "q4_linear": [_P, _I64, _I64, _P, _P, _P, _I64, _P, _INT],
     "q4_i8_linear": [_P, _I64, _I64, _P, _P, _P, _I64, _P, _INT],
     "q8_linear": [_P, _I64, _I64, _P, _P, _I64, _P, _INT],
+    "q8_i8_linear": [_P, _I64, _I64, _P, _P, _I64, _P, _INT],
     "rms_norm": [_P, _I64, _P, _P, _P, _P, _I64, _I64, _F, _INT],
     "silu_and_mul": [_P, _P, _I64, _I64, _INT],
     "rotary": [_P, _I64, _I64, _I64, _I64, _P, _P, _P],
@@ -136,10 +137,20 @@ def _q4_matmul(kernel, x: torch.Tensor, qs: torch.Tensor, d: torch.Tensor, m: to
 def q8_linear(x: torch.Tensor, qs: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x [M, K] float32 (contiguous) times an int8 weight in qlinear.c's layout (qs [N/16, K, 16], a float32
     scale per output column [N]) -> [M, N]."""
+    return _q8_matmul(kernels().q8_linear, x, qs, scale)
+
+
+def q8_i8_linear(x: torch.Tensor, qs: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """As q8_linear, with x rounded to int8 per block of 32 inputs and qs in qlinear_i8.c's layout
+    ([N/16, K/4, 16, 4] uint8: q + 128)."""
+    return _q8_matmul(kernels().q8_i8_linear, x, qs, scale)
+
+
+def _q8_matmul(kernel, x: torch.Tensor, qs: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     num_rows, in_features = x.shape
     out = x.new_empty(num_rows, qs.shape[0] * 16)
-    kernels().q8_linear(x.data_ptr(), num_rows, in_features, qs.data_ptr(), scale.data_ptr(), qs.shape[0] * 16,
-                        out.data_ptr(), torch.get_num_threads())
+    kernel(x.data_ptr(), num_rows, in_features, qs.data_ptr(), scale.data_ptr(), qs.shape[0] * 16, out.data_ptr(),
+           torch.get_num_threads())
     return out
 
 

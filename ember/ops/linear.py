@@ -136,9 +136,12 @@ class Int4Weight:
 class Int8Weight:
     """Symmetric int8 per output channel (the LM head: GGUF files that store their layers in 4 bits keep the
     output matrix at 8 or more), for Ember's C kernel (in groups of 16 columns: qlinear.c's layout) or
-    `torch.ops.aten._weight_int8pack_mm` (the plain [out, in] matrix, `weight`)."""
+    `torch.ops.aten._weight_int8pack_mm` (the plain [out, in] matrix, `weight`).
 
-    def __init__(self, weight: torch.Tensor):  # [out_features, in_features]
+    `int8_activations` (AVX512-VNNI): qlinear_i8.c's kernel, x rounded to int8 per block of 32 inputs as for
+    Int4Weight; qs then holds q + 128 in that kernel's layout."""
+
+    def __init__(self, weight: torch.Tensor, int8_activations: bool = False):  # [out_features, in_features]
         self.out_features, self.in_features = weight.shape
         scale = weight.new_empty(self.out_features, dtype=torch.float32)  # [out]
         q = weight.new_empty(weight.shape, dtype=torch.int8)
@@ -150,8 +153,14 @@ class Int8Weight:
             scale[start:start + 512] = s
             q[start:start + 512] = w.div(s[:, None]).round_().clamp_(-127, 127)
         self.use_kernel = cpu_kernels.usable(weight) and weight.shape[1] % 32 == 0
+        self.int8_activations = self.use_kernel and int8_activations and cpu_kernels.int8_activations_supported()
         self.max_rows = None if self.use_kernel else TORCH_QUANTIZED_MAX_ROWS  # None: every batch
-        if self.use_kernel:
+        if self.int8_activations:  # [N / 16, K / 4, 16 c, 4 i]: 4 inputs of 16 columns a 64-byte row
+            offset = _padded_rows(q, KERNEL_COLUMN_GROUP).view(torch.uint8) ^ 0x80  # q + 128 (two's complement)
+            groups = offset.view(-1, KERNEL_COLUMN_GROUP, self.in_features // 4, 4)
+            self.packed = groups.transpose(1, 2).contiguous()
+            self.scales = _padded_rows(scale, KERNEL_COLUMN_GROUP)
+        elif self.use_kernel:
             self.packed = _column_groups(_padded_rows(q, KERNEL_COLUMN_GROUP))  # [N / 16, K, 16]
             self.scales = _padded_rows(scale, KERNEL_COLUMN_GROUP)
         else:
@@ -159,7 +168,8 @@ class Int8Weight:
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.use_kernel:
-            out = _unpadded(cpu_kernels.q8_linear(x.contiguous(), self.packed, self.scales), self.out_features)
+            matmul = cpu_kernels.q8_i8_linear if self.int8_activations else cpu_kernels.q8_linear
+            out = _unpadded(matmul(x.contiguous(), self.packed, self.scales), self.out_features)
         else:
             out = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self.weight, self.scales).to(x.dtype)
         return out if bias is None else out + bias
@@ -167,8 +177,11 @@ class Int8Weight:
     def dequantized(self) -> torch.Tensor:  # [out_features, in_features] float32: the weight applied
         if not self.use_kernel:
             return self.weight.float() * self.scales.float()[:, None]
-        w = self.packed.movedim(-1, 1).reshape(-1, self.in_features).float() * self.scales[:, None]
-        return w[: self.out_features]
+        if self.int8_activations:
+            q = (self.packed ^ 0x80).view(torch.int8).transpose(1, 2).reshape(-1, self.in_features)
+        else:
+            q = self.packed.movedim(-1, 1).reshape(-1, self.in_features)
+        return (q.float() * self.scales[:, None])[: self.out_features]
 
 
 def _unpadded(out: torch.Tensor, columns: int) -> torch.Tensor:

@@ -183,7 +183,8 @@ def test_embedded_model_int4_copies_are_the_files_blocks(dense_and_int4):
 
 def test_embedded_model_int4_stays_close_to_dense(dense_and_int4):
     dense, int4 = dense_and_int4
-    assert int4.engine.runner.model.lm_head.quantized is not None  # "auto" would pick it too for this Q4_1 file
+    head = int4.engine.runner.model.lm_head.quantized  # "auto" would pick int4 too for this Q4_1 file
+    assert head is not None and head.int8_activations == cpu_kernels.int8_activations_supported()
     params = SamplingParams(max_tokens=12, temperature=0, logprobs=5)
     prompts = ["def fibonacci(n):", "Once upon a time"]
     for a, b in zip(dense.generate(prompts, params), int4.generate(prompts, params)):

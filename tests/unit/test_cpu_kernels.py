@@ -62,7 +62,8 @@ def test_quantized_rows_do_not_depend_on_the_batch(lib):
     """Bitwise: a row alone (register path) equals that row in a batch (panel path, any tile position)."""
     weight = torch.randn(37, 2048, generator=gen(3))  # a partial column group and panel; 2 chunks of rows at K=2048
     x = torch.randn(45, 2048, generator=gen(4))
-    for layer in (Int4Weight(weight), Int8Weight(weight), Int4Weight(weight, int8_activations=True)):
+    for layer in (Int4Weight(weight), Int8Weight(weight), Int4Weight(weight, int8_activations=True),
+                  Int8Weight(weight, int8_activations=True)):
         whole = layer.linear(x, None)
         assert torch.equal(whole, torch.cat([layer.linear(x[i : i + 1], None) for i in range(45)]))
         assert torch.equal(whole[3:9], layer.linear(x[3:9], None))
@@ -93,6 +94,31 @@ def test_q4_int8_activations_match_the_rounded_reference(lib, out_features, in_f
         x[0, :32] = 0  # an all-zero block (scale 0)
         out = layer.linear(x, None)
         torch.testing.assert_close(out.double(), int8_reference(x, layer), rtol=1e-5, atol=5e-4)
+        float_out = exact.linear(x, None)  # against float32 activations: x's rounding, ~0.5% of the output
+        assert ((out - float_out).norm() / float_out.norm()).item() < 0.02
+
+
+def rounded_activations(x: torch.Tensor) -> torch.Tensor:
+    """x rounded as qlinear_i8.c does: to int8 per block of 32 (scale max|x| / 127, to nearest even), float64."""
+    rows, k = x.shape
+    blocks = x.view(rows, k // 32, 32)  # the rounding in float32, as the kernel does it
+    amax = blocks.abs().amax(-1, keepdim=True)
+    return ((blocks * torch.where(amax > 0, 127 / amax, 0)).round() * (amax / 127)).double().view(rows, k)
+
+
+@pytest.mark.parametrize("out_features,in_features", [(70, 96), (3, 64), (49, 576), (21, 4096)])
+def test_q8_int8_activations_match_the_rounded_reference(lib, out_features, in_features):
+    weight = torch.randn(out_features, in_features, generator=gen(12))
+    layer, exact = Int8Weight(weight, int8_activations=True), Int8Weight(weight)
+    if not layer.int8_activations:
+        pytest.skip("no AVX512-VNNI in this build")
+    assert torch.equal(layer.dequantized(), exact.dequantized())  # the same weight, another layout
+    for rows in [*range(1, 10), 19]:  # every tile shape: 1-4 rows x 1-3 column groups
+        x = torch.randn(rows, in_features, generator=gen(rows)) * torch.rand(in_features, generator=gen(13)) * 4
+        x[0, :32] = 0  # an all-zero block (scale 0)
+        out = layer.linear(x, None)
+        reference = rounded_activations(x) @ layer.dequantized().double().T
+        torch.testing.assert_close(out.double(), reference, rtol=1e-5, atol=5e-4)
         float_out = exact.linear(x, None)  # against float32 activations: x's rounding, ~0.5% of the output
         assert ((out - float_out).norm() / float_out.norm()).item() < 0.02
 
