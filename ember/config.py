@@ -40,6 +40,9 @@ class CacheConfig:
     gpu_memory_utilization: float = 0.9
     num_kv_blocks: int | None = None  # a fixed number of blocks instead of the memory budget (tests force preemption with it)
     enable_prefix_caching: bool = True
+    # auto | float32 | float16. auto: float16 where the CPU path runs quantized weights on its C kernels (half the
+    # bytes a decode step reads; llama.cpp's default cache type), else the model's dtype. float16: CPU only
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -48,6 +51,8 @@ class CacheConfig:
             raise ValueError(f"kv_cache_memory_gib must be positive, got {self.kv_cache_memory_gib}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.kv_cache_dtype not in ("auto", "float32", "float16"):
+            raise ValueError(f"kv_cache_dtype must be auto, float32 or float16, got {self.kv_cache_dtype!r}")
 
 
 @dataclass(frozen=True)

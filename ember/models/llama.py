@@ -113,6 +113,7 @@ class LlamaModel(nn.Module):
         fused = self.fused_layers and decode_step(positions, attn_metadata, kv_caches[0].shape[2], input_ids.shape[0])
         if fused:
             step, _ = fused  # (the second item keeps the step's tensors alive)
+            step.kv_f16 = cpu_kernels.is_half(kv_caches[0])
             for layer, kv_cache in zip(self.fused_layers, kv_caches, strict=True):
                 step.k_cache, step.v_cache = kv_cache[0].data_ptr(), kv_cache[1].data_ptr()
                 hidden_states, residual = cpu_kernels.decoder_layer(layer, step, hidden_states, residual)

@@ -32,8 +32,8 @@ SIGNATURES = {
     "rms_norm": [_P, _I64, _P, _P, _P, _P, _I64, _I64, _F, _INT],
     "silu_and_mul": [_P, _P, _I64, _I64, _INT],
     "rotary": [_P, _I64, _I64, _I64, _I64, _P, _P, _P],
-    "paged_attention": [_P, _I64, _P, _P, _I64, _I64, _I64, _I64, _P, _I64, _P, _P, _P, _I64, _F, _I64, _P, _INT],
-    "prefill_attention": [_P, _I64, _P, _P, _I64, _I64, _I64, _I64, _P, _I64, _P, _P, _P, _I64, _F, _I64, _P, _INT],
+    "paged_attention": [_P, _I64, _P, _P, _INT, _I64, _I64, _I64, _I64, _P, _I64, _P, _P, _P, _I64, _F, _I64, _P, _INT],
+    "prefill_attention": [_P, _I64, _P, _P, _INT, _I64, _I64, _I64, _I64, _P, _I64, _P, _P, _P, _I64, _F, _I64, _P, _INT],
     "decoder_layer": [_P, _P, _P, _P, _P, _P, _INT],
 }
 
@@ -187,7 +187,7 @@ def rotary_(x: torch.Tensor, positions: torch.Tensor, cos_cache: torch.Tensor, s
 
 def paged_attention(
     q: torch.Tensor,  # [num_tokens, num_heads, head_dim], heads contiguous within a token
-    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim] contiguous
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim] contiguous, float32 or float16
     v_cache: torch.Tensor,
     seq_ids: torch.Tensor,  # [n] int64: the sequences to attend (their rows of `out` are written)
     query_start_loc: torch.Tensor,  # [num_seqs + 1] int64
@@ -201,10 +201,16 @@ def paged_attention(
     num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
     kernel = kernels().prefill_attention if long_queries else kernels().paged_attention
     kernel(
-        q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), block_size, q.shape[1], num_kv_heads,
+        q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), is_half(k_cache), block_size, q.shape[1], num_kv_heads,
         head_dim, seq_ids.data_ptr(), seq_ids.numel(), query_start_loc.data_ptr(), seq_lens.data_ptr(),
         block_table.data_ptr(), block_table.shape[1], scale, sliding_window or 0, out.data_ptr(),
         torch.get_num_threads())
+
+
+def is_half(cache: torch.Tensor) -> int:
+    """The kernels' kv_f16 flag: 1 for a float16 cache, 0 for float32."""
+    assert cache.dtype in (torch.float16, torch.float32), f"a {cache.dtype} KV cache"
+    return int(cache.dtype == torch.float16)
 
 
 # decode_layer.c's structs, field for field
@@ -223,7 +229,7 @@ class DecoderLayer(ctypes.Structure):
 
 class DecodeStep(ctypes.Structure):
     _fields_ = [("num_tokens", _I64), ("positions", _P), ("slots", _P), ("k_cache", _P), ("v_cache", _P),
-                ("block_size", _I64), ("seq_ids", _P), ("query_start_loc", _P), ("seq_lens", _P), ("block_table", _P),
+                ("kv_f16", _I64), ("block_size", _I64), ("seq_ids", _P), ("query_start_loc", _P), ("seq_lens", _P), ("block_table", _P),
                 ("num_seqs", _I64), ("max_blocks", _I64)]
 
 

@@ -24,6 +24,19 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+def resolve_kv_cache_dtype(name: str, model_dtype: torch.dtype, quantized_c_kernels: bool) -> torch.dtype:
+    """The KV cache's element type. auto: float16 where the CPU path runs quantized weights on its C kernels
+    (their outputs are already approximate; the cache then costs half the memory traffic), else the model's
+    dtype, so the float paths stay exact against their references. Half caches need float32 activations."""
+    if name == "auto":
+        return torch.float16 if quantized_c_kernels else model_dtype
+    dtype = DTYPES[name]
+    if dtype != model_dtype and model_dtype != torch.float32:
+        raise ValueError(f"kv_cache_dtype {name} needs float32 activations (the CPU path); this model runs in "
+                         f"{str(model_dtype).removeprefix('torch.')}: use kv_cache_dtype auto")
+    return dtype
+
+
 def resolve_quantization(name: str, is_low_bit_checkpoint: bool, device: torch.device) -> str | None:
     """The weight-only copies to make: "int4", "int8" or None. auto quantizes a checkpoint that was stored in
     4 bits or fewer (its weights lose little more): int4 on a CPU, int8 on a GPU (the GPU kernel here)."""

@@ -14,7 +14,7 @@ from ember.layers.attention import AttentionMetadata, PackedAttentionMetadata, t
 from ember.models.registry import get_model_class
 from ember.ops import cpu_kernels
 from ember.runner.cuda_graphs import DecodeGraphs
-from ember.runner.device import resolve_device, resolve_dtype
+from ember.runner.device import resolve_device, resolve_dtype, resolve_kv_cache_dtype
 from ember.runner.memory import allocate_kv_cache, num_kv_blocks, profile_num_kv_blocks
 from ember.runner.rejection_sampler import verify_proposals
 from ember.runner.sampler import SampledToken, Sampler
@@ -80,8 +80,11 @@ class ModelRunner:
                     module.quantize(quantize)
             if use_c_kernels and hasattr(self.model, "fuse_decode_layers"):
                 self.model.fuse_decode_layers()  # decode steps: a C call per layer
+        self.kv_dtype = resolve_kv_cache_dtype(config.cache.kv_cache_dtype, self.dtype, bool(quantize) and use_c_kernels)
+        if self.use_triton and self.kv_dtype != self.dtype:
+            raise ValueError(f"kv_cache_dtype {config.cache.kv_cache_dtype} runs on the CPU only; on a GPU use auto")
         bytes_per_block = (2 * self.model.num_layers * self.model.num_kv_heads * self.model.head_dim
-                           * self.dtype.itemsize * self.block_size)
+                           * self.kv_dtype.itemsize * self.block_size)
         if self.device.type == "cuda" and config.cache.num_kv_blocks is None and profile_kv_memory:
             self.num_blocks = profile_num_kv_blocks(lambda: self._run_largest_step(config), config.cache,
                                                     bytes_per_block, self.device)
@@ -89,7 +92,7 @@ class ModelRunner:
             self.num_blocks = num_kv_blocks(config.cache, bytes_per_block // self.block_size)
         # The GPU path keeps one more block, never handed out: CUDA-graph padding rows write their K/V there.
         shape = self.model.kv_cache_shape(self.num_blocks + self.use_triton, self.block_size)
-        self.kv_caches = [allocate_kv_cache(shape, self.dtype, self.device) for _ in range(self.model.num_layers)]
+        self.kv_caches = [allocate_kv_cache(shape, self.kv_dtype, self.device) for _ in range(self.model.num_layers)]
         self.graphs = None
         if self.device.type == "cuda" and not config.enforce_eager:
             self.graphs = DecodeGraphs(self.model, self.kv_caches, config.scheduler.max_num_seqs,
@@ -250,7 +253,7 @@ class ModelRunner:
         every running sequence) on a throwaway KV cache: the activation peak to leave room for."""
         num_tokens = min(config.scheduler.max_num_batched_tokens, self.max_model_len)
         num_blocks = -(-num_tokens // self.block_size)
-        kv_caches = [torch.zeros(self.model.kv_cache_shape(num_blocks, self.block_size), dtype=self.dtype,
+        kv_caches = [torch.zeros(self.model.kv_cache_shape(num_blocks, self.block_size), dtype=self.kv_dtype,
                                  device=self.device) for _ in range(self.model.num_layers)]
         tokens = list(range(num_tokens))
         hidden = self._forward([0] * num_tokens, tokens, tokens, [0, num_tokens], [num_tokens],

@@ -2,9 +2,10 @@
 (Llama, llama3 RoPE + tied head, biases, Qwen2, Qwen3's per-head norm, Mistral's sliding window):
 - with float32 weights, every module on its C kernel against Hugging Face transformers (atol = rtol = 1e-4 on
   logits, as the torch path);
-- with int4 weights (float32 or int8 activations), decode steps through the fused per-layer C call
-  (models/llama_fused_decode.py) against the same model's module-by-module path: bitwise equal (same kernels,
-  same order), for one sequence and for a batch mixing decodes with a speculative verification.
+- with int4 weights (float32 or int8 activations; a float32 or float16 KV cache), decode steps through the fused
+  per-layer C call (models/llama_fused_decode.py) against the same model's module-by-module path: bitwise equal
+  (same kernels, same order, the same rounding into a half cache), for one sequence and for a batch mixing
+  decodes with a speculative verification.
 """
 import pytest
 import torch
@@ -37,9 +38,10 @@ def test_float32_model_on_the_c_kernels_matches_hf(case):
     torch.testing.assert_close(torch.cat(logits), hf_logits(hf, tokens), atol=ATOL, rtol=RTOL)
 
 
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("int8_activations", [False, True])
 @pytest.mark.parametrize("case", CASES)
-def test_fused_decode_layers_equal_the_module_path_bitwise(case, int8_activations, monkeypatch):
+def test_fused_decode_layers_equal_the_module_path_bitwise(case, int8_activations, kv_dtype, monkeypatch):
     if int8_activations and not cpu_kernels.int8_activations_supported():
         pytest.skip("no AVX512-VNNI")
     calls = []
@@ -58,7 +60,7 @@ def test_fused_decode_layers_equal_the_module_path_bitwise(case, int8_activation
 
     def run(fused: bool) -> list[torch.Tensor]:
         model.model.fused_layers = fused_layers if fused else None
-        cache = PagedCache(model)
+        cache = PagedCache(model, kv_dtype=kv_dtype)
         cache.step([(0, prompt(PROMPT_LEN, seed=4)), (1, prompt(9, seed=5)), (2, prompt(13, seed=6))])  # prefill
         steps = [[(0, [7])], [(0, [8]), (1, [9]), (2, [10])], [(0, [11]), (1, [12, 13, 14]), (2, [15])]]
         return [model.compute_logits(cache.step(chunks)) for chunks in steps]  # 1 decode; 3; 2 + a verification

@@ -66,11 +66,11 @@ def build_ember(hf, hf_config: dict, batch_invariant: bool = False, dtype: torch
 class PagedCache:
     """A minimal stand-in for the runner: shuffled block ids, one flattened step at a time."""
 
-    def __init__(self, model, seed: int = 0, device: str | torch.device = "cpu"):
+    def __init__(self, model, seed: int = 0, device: str | torch.device = "cpu", kv_dtype: torch.dtype | None = None):
         self.model = model
         self.device = device
-        self.kv_caches = [torch.zeros(model.kv_cache_shape(NUM_BLOCKS, BLOCK_SIZE), dtype=model.dtype, device=device)
-                          for _ in range(model.num_layers)]
+        self.kv_caches = [torch.zeros(model.kv_cache_shape(NUM_BLOCKS, BLOCK_SIZE), dtype=kv_dtype or model.dtype,
+                                      device=device) for _ in range(model.num_layers)]
         # Non-contiguous, out-of-order block ids: a sequence's blocks are scattered over the pool.
         self.free_blocks = torch.randperm(NUM_BLOCKS, generator=torch.Generator().manual_seed(seed)).tolist()
         self.block_tables: dict[int, list[int]] = {}

@@ -170,17 +170,20 @@ def test_without_the_kernels_the_torch_ops_serve(monkeypatch):
     assert (layer.linear(x, None) - F.linear(x, weight)).abs().max() < 0.1 * F.linear(x, weight).abs().max()
 
 
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("block_size", [4, 32])  # runs shorter than the vector path's 16 keys, and longer
 @pytest.mark.parametrize("sliding_window", [None, 6])
 @pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(9, 3, 64), (4, 2, 128), (4, 4, 80), (8, 1, 32),
                                                              (12, 1, 16)])
-def test_attention_layer_matches_the_reference(lib, sliding_window, num_heads, num_kv_heads, head_dim, block_size):
+def test_attention_layer_matches_the_reference(lib, sliding_window, num_heads, num_kv_heads, head_dim, block_size,
+                                               kv_dtype):
     """A mixed step (decodes, a speculative verification of 5; prefill chunks past the short-query kernel's
-    limit, one after a prefix, one a whole prompt: the tiled kernel) through the layer, against the per-sequence reference, over a shuffled cache; query rows are
+    limit, one after a prefix, one a whole prompt: the tiled kernel) through the layer, against the per-sequence
+    reference, over a shuffled cache (float32, or half floats the kernels widen as they read); query rows are
     strided views of a fused projection, as in the model."""
     torch.manual_seed(0)
     num_blocks = 48
-    kv_cache = torch.randn(2, num_blocks, block_size, num_kv_heads, head_dim)
+    kv_cache = torch.randn(2, num_blocks, block_size, num_kv_heads, head_dim).to(kv_dtype)
     q_lens, seq_lens = [1, 5, 1, 20, 1, 37], [1, 12, 30, 26, 9, 37]
     free = torch.randperm(num_blocks).tolist()
     block_tables = [[free.pop() for _ in range(-(-n // block_size))] for n in seq_lens]

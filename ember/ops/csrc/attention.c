@@ -1,5 +1,6 @@
 // Paged attention for short queries (decode, speculative verification) reading the KV blocks in place:
-// no gather of the context into a padded copy, no mask tensor. float32; two passes per query and head
+// no gather of the context into a padded copy, no mask tensor. float32 (the cache float32 or half, see
+// paged_cache.h); two passes per query and head
 // (scores, then softmax-weighted values), the query heads that share a KV head together so each key and
 // value row is read once. Sequences are independent: a result does not depend on the rest of the batch.
 #include <stdint.h>
@@ -79,24 +80,24 @@ static inline __m512 sum16(const __m512 v[16])
 // a time, one accumulator each (no horizontal sum per key); values: the head's output in registers, two keys
 // a time into two accumulator sets.
 static inline __attribute__((always_inline)) void attend_avx512(
-    const float* qh, int64_t hn, const float* k_cache, const float* v_cache, const int64_t* blocks,
+    const float* qh, int64_t hn, const void* k_cache, const void* v_cache, const int kv_f16, const int64_t* blocks,
     int64_t block_size, int64_t slot_stride, int64_t g, int64_t first, int64_t pos, float scale, float* scores,
     float* o, const int64_t D)
 {
     const int64_t n = pos + 1 - first, nc = D / 16;
     for (int64_t p = first, slot, run; p <= pos; p += run) {
         run = block_run(blocks, block_size, p, pos + 1, &slot);
-        const float* kp = k_cache + slot * slot_stride + g * D;
+        const int64_t kp = slot * slot_stride + g * D;  // element offsets into the cache
         for (int64_t r0 = 0; r0 < run; r0 += 16) {
             const int64_t m = run - r0 < 16 ? run - r0 : 16;
-            const float* key[16];
+            int64_t key[16];
             for (int j = 0; j < 16; j++) key[j] = kp + (r0 + (j < m ? j : m - 1)) * slot_stride;  // repeats: unused lanes
             for (int64_t h = 0; h < hn; h++) {
                 __m512 acc[16];
                 for (int j = 0; j < 16; j++) acc[j] = _mm512_setzero_ps();
                 for (int64_t c = 0; c < nc; c++) {
                     const __m512 qv = _mm512_loadu_ps(qh + h * D + c * 16);
-                    for (int j = 0; j < 16; j++) acc[j] = _mm512_fmadd_ps(qv, _mm512_loadu_ps(key[j] + c * 16), acc[j]);
+                    for (int j = 0; j < 16; j++) acc[j] = _mm512_fmadd_ps(qv, kv_load16(k_cache, key[j] + c * 16, kv_f16), acc[j]);
                 }
                 _mm512_mask_storeu_ps(scores + h * n + p - first + r0, (__mmask16)((1u << m) - 1),
                                       _mm512_mul_ps(sum16(acc), _mm512_set1_ps(scale)));
@@ -111,19 +112,20 @@ static inline __attribute__((always_inline)) void attend_avx512(
         for (int64_t c = 0; c < nc; c++) a[c] = b[c] = _mm512_setzero_ps();
         for (int64_t p = first, slot, run; p <= pos; p += run) {
             run = block_run(blocks, block_size, p, pos + 1, &slot);
-            const float* vp = v_cache + slot * slot_stride + g * D;
+            const int64_t vp = slot * slot_stride + g * D;
             const float* w = sh + p - first;
             int64_t r = 0;
             for (; r + 1 < run; r += 2) {
                 const __m512 w0 = _mm512_set1_ps(w[r]), w1 = _mm512_set1_ps(w[r + 1]);
                 for (int64_t c = 0; c < nc; c++) {
-                    a[c] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(vp + r * slot_stride + c * 16), a[c]);
-                    b[c] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(vp + (r + 1) * slot_stride + c * 16), b[c]);
+                    a[c] = _mm512_fmadd_ps(w0, kv_load16(v_cache, vp + r * slot_stride + c * 16, kv_f16), a[c]);
+                    b[c] = _mm512_fmadd_ps(w1, kv_load16(v_cache, vp + (r + 1) * slot_stride + c * 16, kv_f16), b[c]);
                 }
             }
             if (r < run) {
                 const __m512 w0 = _mm512_set1_ps(w[r]);
-                for (int64_t c = 0; c < nc; c++) a[c] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(vp + r * slot_stride + c * 16), a[c]);
+                for (int64_t c = 0; c < nc; c++)
+                    a[c] = _mm512_fmadd_ps(w0, kv_load16(v_cache, vp + r * slot_stride + c * 16, kv_f16), a[c]);
             }
         }
         const __m512 vinv = _mm512_set1_ps(inv[h]);
@@ -132,38 +134,53 @@ static inline __attribute__((always_inline)) void attend_avx512(
 }
 #endif
 
+// A cache row as float32: in place, or converted into row (half caches).
+static inline const float* kv_row(const void* cache, int64_t i, int kv_f16, float* row, int64_t n)
+{
+    if (!kv_f16) return (const float*)cache + i;
+    for (int64_t e = 0; e < n; e++) row[e] = kv_load(cache, i + e, 1);
+    return row;
+}
+
 // The portable path: one dot product per key and head, axpy per value row.
-static void attend_scalar(const float* qh, int64_t hn, const float* k_cache, const float* v_cache,
+static void attend_scalar(const float* qh, int64_t hn, const void* k_cache, const void* v_cache, int kv_f16,
                           const int64_t* blocks, int64_t block_size, int64_t slot_stride, int64_t g, int64_t first,
                           int64_t pos, float scale, float* scores, float* o, int64_t head_dim)
 {
     const int64_t n = pos + 1 - first;
+    float* row = malloc(head_dim * sizeof(float));
     for (int64_t p = first, slot, run; p <= pos; p += run) {  // scores, a block at a time
         run = block_run(blocks, block_size, p, pos + 1, &slot);
-        const float* kp = k_cache + slot * slot_stride + g * head_dim;
-        for (int64_t r = 0; r < run; r++, kp += slot_stride)
-            for (int64_t h = 0; h < hn; h++) scores[h * n + p - first + r] = dot(qh + h * head_dim, kp, head_dim) * scale;
+        for (int64_t r = 0; r < run; r++) {
+            const float* k = kv_row(k_cache, (slot + r) * slot_stride + g * head_dim, kv_f16, row, head_dim);
+            for (int64_t h = 0; h < hn; h++) scores[h * n + p - first + r] = dot(qh + h * head_dim, k, head_dim) * scale;
+        }
     }
     float inv[MAX_GROUP];
     softmax_numerators(scores, hn, n, inv);
     for (int64_t e = 0; e < hn * head_dim; e++) o[e] = 0.0f;
     for (int64_t p = first, slot, run; p <= pos; p += run) {  // weighted values, a block at a time
         run = block_run(blocks, block_size, p, pos + 1, &slot);
-        const float* vp = v_cache + slot * slot_stride + g * head_dim;
-        for (int64_t r = 0; r < run; r++, vp += slot_stride)
-            for (int64_t h = 0; h < hn; h++) axpy(scores[h * n + p - first + r], vp, o + h * head_dim, head_dim);
+        for (int64_t r = 0; r < run; r++) {
+            const float* v = kv_row(v_cache, (slot + r) * slot_stride + g * head_dim, kv_f16, row, head_dim);
+            for (int64_t h = 0; h < hn; h++) axpy(scores[h * n + p - first + r], v, o + h * head_dim, head_dim);
+        }
     }
     for (int64_t h = 0; h < hn; h++)
         for (int64_t e = 0; e < head_dim; e++) o[h * head_dim + e] *= inv[h];
+    free(row);
 }
 
-static void attend(const float* qh, int64_t hn, const float* k_cache, const float* v_cache, const int64_t* blocks,
-                   int64_t block_size, int64_t slot_stride, int64_t g, int64_t first, int64_t pos, float scale,
-                   float* scores, float* o, int64_t head_dim)
+static void attend(const float* qh, int64_t hn, const void* k_cache, const void* v_cache, int kv_f16,
+                   const int64_t* blocks, int64_t block_size, int64_t slot_stride, int64_t g, int64_t first,
+                   int64_t pos, float scale, float* scores, float* o, int64_t head_dim)
 {
 #if defined(__AVX512F__)
-#define ATTEND_AVX512(D) \
-    attend_avx512(qh, hn, k_cache, v_cache, blocks, block_size, slot_stride, g, first, pos, scale, scores, o, D)
+#define ATTEND_AVX512(D)                                                                                            \
+    (kv_f16 ? attend_avx512(qh, hn, k_cache, v_cache, 1, blocks, block_size, slot_stride, g, first, pos, scale,     \
+                            scores, o, D)                                                                           \
+            : attend_avx512(qh, hn, k_cache, v_cache, 0, blocks, block_size, slot_stride, g, first, pos, scale,     \
+                            scores, o, D))
     switch (head_dim) {  // the common sizes with constant chunk counts; others at run time
     case 64: ATTEND_AVX512(64); return;
     case 128: ATTEND_AVX512(128); return;
@@ -175,19 +192,20 @@ static void attend(const float* qh, int64_t hn, const float* k_cache, const floa
     }
 #undef ATTEND_AVX512
 #endif
-    attend_scalar(qh, hn, k_cache, v_cache, blocks, block_size, slot_stride, g, first, pos, scale, scores, o, head_dim);
+    attend_scalar(qh, hn, k_cache, v_cache, kv_f16, blocks, block_size, slot_stride, g, first, pos, scale, scores, o,
+                  head_dim);
 }
 
 // Query i of a sequence with q_len new tokens and seq_len positions sits at position seq_len - q_len + i and
 // sees keys at positions p <= it (and p > it - window when window > 0).
-void paged_attention(const float* q, int64_t q_token_stride, const float* k_cache, const float* v_cache,
+void paged_attention(const float* q, int64_t q_token_stride, const void* k_cache, const void* v_cache, int kv_f16,
                      int64_t block_size, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
                      const int64_t* seq_ids, int64_t num_selected, const int64_t* query_start_loc,
                      const int64_t* seq_lens, const int64_t* block_table, int64_t max_blocks, float scale,
                      int64_t window, float* out, int num_threads)
 {
     const int64_t group = num_heads / num_kv_heads;
-    const int64_t slot_stride = num_kv_heads * head_dim;  // floats between consecutive cache positions
+    const int64_t slot_stride = num_kv_heads * head_dim;  // elements between consecutive cache positions
 #pragma omp parallel num_threads(num_threads)
     {
         int64_t capacity = 0;
@@ -207,7 +225,7 @@ void paged_attention(const float* q, int64_t q_token_stride, const float* k_cach
                     const int64_t pos = seq_len - q_len + i;
                     for (int64_t h0 = 0; h0 < group; h0 += MAX_GROUP)
                         attend(q + (start + i) * q_token_stride + (g * group + h0) * head_dim,
-                               group - h0 < MAX_GROUP ? group - h0 : MAX_GROUP, k_cache, v_cache,
+                               group - h0 < MAX_GROUP ? group - h0 : MAX_GROUP, k_cache, v_cache, kv_f16,
                                block_table + s * max_blocks, block_size, slot_stride, g, first_key(pos, window), pos,
                                scale, scores, out + ((start + i) * num_heads + g * group + h0) * head_dim, head_dim);
                 }

@@ -5,6 +5,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "paged_cache.h"
+
 void q4_linear(const float* x, int64_t M, int64_t K, const uint8_t* qs, const float* d, const float* m, int64_t N,
                float* out, int num_threads);
 void q4_i8_linear(const float* x, int64_t M, int64_t K, const uint8_t* qs, const float* d, const float* m, int64_t N,
@@ -14,7 +16,7 @@ void rms_norm(const float* x, int64_t x_stride, const float* residual, float* re
 void silu_and_mul(const float* x, float* out, int64_t M, int64_t d, int num_threads);
 void rotary(float* x, int64_t token_stride, int64_t num_tokens, int64_t num_heads, int64_t head_dim,
             const int64_t* positions, const float* cos_cache, const float* sin_cache);
-void paged_attention(const float* q, int64_t q_token_stride, const float* k_cache, const float* v_cache,
+void paged_attention(const float* q, int64_t q_token_stride, const void* k_cache, const void* v_cache, int kv_f16,
                      int64_t block_size, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
                      const int64_t* seq_ids, int64_t num_selected, const int64_t* query_start_loc,
                      const int64_t* seq_lens, const int64_t* block_table, int64_t max_blocks, float scale,
@@ -42,7 +44,8 @@ typedef struct {  // the step: this batch's rows and the paged cache (attention.
     int64_t num_tokens;
     const int64_t* positions;  // [num_tokens]
     const int64_t* slots;  // [num_tokens] flat cache slot of each token's K/V
-    float *k_cache, *v_cache;
+    void *k_cache, *v_cache;
+    int64_t kv_f16;  // the cache's elements are half floats (else float32)
     int64_t block_size;
     const int64_t *seq_ids, *query_start_loc, *seq_lens, *block_table;
     int64_t num_seqs, max_blocks;
@@ -87,10 +90,10 @@ void decoder_layer(const DecoderLayer* L, const DecodeStep* S, const float* hidd
     rotary(qkv, qkv_width, T, L->num_heads, hd, S->positions, L->cos_cache, L->sin_cache);
     rotary(qkv + q_size, qkv_width, T, L->num_kv_heads, hd, S->positions, L->cos_cache, L->sin_cache);
     for (int64_t t = 0; t < T; t++) {  // this step's K/V into the cache
-        memcpy(S->k_cache + S->slots[t] * kv_size, qkv + t * qkv_width + q_size, kv_size * sizeof(float));
-        memcpy(S->v_cache + S->slots[t] * kv_size, qkv + t * qkv_width + q_size + kv_size, kv_size * sizeof(float));
+        kv_store(S->k_cache, S->slots[t] * kv_size, qkv + t * qkv_width + q_size, kv_size, (int)S->kv_f16);
+        kv_store(S->v_cache, S->slots[t] * kv_size, qkv + t * qkv_width + q_size + kv_size, kv_size, (int)S->kv_f16);
     }
-    paged_attention(qkv, qkv_width, S->k_cache, S->v_cache, S->block_size, L->num_heads, L->num_kv_heads, hd,
+    paged_attention(qkv, qkv_width, S->k_cache, S->v_cache, (int)S->kv_f16, S->block_size, L->num_heads, L->num_kv_heads, hd,
                     S->seq_ids, S->num_seqs, S->query_start_loc, S->seq_lens, S->block_table, S->max_blocks,
                     L->scale, L->window, attn, num_threads);
     linear(&L->o, attn, T, projected, num_threads);

@@ -1,4 +1,5 @@
-// Paged attention for long queries (prefill chunks), reading the KV blocks in place. float32.
+// Paged attention for long queries (prefill chunks), reading the KV blocks in place. float32 (the cache
+// float32 or half, see paged_cache.h).
 //
 // Each sequence's keys are first laid out transposed per KV head (Kt [head_dim][context], 16 keys to a
 // vector), so the scores of a tile of query rows against 16 keys are broadcast-multiply-adds with no
@@ -71,7 +72,7 @@ static void score_rows(const float* rows, int R, const float* kt, int64_t ld, in
 
 // The weighted values of R rows (weights p [R][p_ld], key j at p[j - key_first]) over keys key_first..key_end,
 // into out rows (row r at outs[r]) for head_dim slice d0..d0 + width.
-static void value_rows(const float* p, int64_t p_ld, int R, const float* v_cache, const int64_t* blocks,
+static void value_rows(const float* p, int64_t p_ld, int R, const void* v_cache, int kv_f16, const int64_t* blocks,
                        int64_t block_size, int64_t slot_stride, int64_t head_offset, int64_t key_first,
                        int64_t key_end, int64_t d0, int64_t width, const float* inv_sums, float* const* outs)
 {
@@ -83,9 +84,9 @@ static void value_rows(const float* p, int64_t p_ld, int R, const float* v_cache
         for (int64_t j = key_first, slot, run; j < key_end; j += run) {  // a cache block's run of keys at a time
             run = block_run(blocks, block_size, j, key_end, &slot);
             for (int64_t i = 0; i < run; i++) {
-                const float* v = v_cache + (slot + i) * slot_stride + head_offset + d0;
-                const __m512 v0 = _mm512_loadu_ps(v), v1 = _mm512_loadu_ps(v + 16), v2 = _mm512_loadu_ps(v + 32),
-                             v3 = _mm512_loadu_ps(v + 48);
+                const int64_t v = (slot + i) * slot_stride + head_offset + d0;
+                const __m512 v0 = kv_load16(v_cache, v, kv_f16), v1 = kv_load16(v_cache, v + 16, kv_f16),
+                             v2 = kv_load16(v_cache, v + 32, kv_f16), v3 = kv_load16(v_cache, v + 48, kv_f16);
                 for (int r = 0; r < VALUE_ROWS; r++) {  // rows past R read weight rows of their own: p is padded
                     const __m512 w = _mm512_set1_ps(p[r * p_ld + j + i - key_first]);
                     acc[r][0] = _mm512_fmadd_ps(w, v0, acc[r][0]), acc[r][1] = _mm512_fmadd_ps(w, v1, acc[r][1]);
@@ -104,10 +105,10 @@ static void value_rows(const float* p, int64_t p_ld, int R, const float* v_cache
     for (int64_t j = key_first, slot, run; j < key_end; j += run) {
         run = block_run(blocks, block_size, j, key_end, &slot);
         for (int64_t i = 0; i < run; i++) {
-            const float* v = v_cache + (slot + i) * slot_stride + head_offset + d0;
+            const int64_t v = (slot + i) * slot_stride + head_offset + d0;
             for (int r = 0; r < R; r++) {
                 const float w = p[r * p_ld + j + i - key_first];
-                for (int64_t e = 0; e < width; e++) acc[r][e] += w * v[e];
+                for (int64_t e = 0; e < width; e++) acc[r][e] += w * kv_load(v_cache, v + e, kv_f16);
             }
         }
     }
@@ -117,7 +118,7 @@ static void value_rows(const float* p, int64_t p_ld, int R, const float* v_cache
 
 // Query i of a sequence with q_len new tokens and seq_len positions sits at position seq_len - q_len + i and
 // sees keys at positions p <= it (and p > it - window when window > 0).
-void prefill_attention(const float* q, int64_t q_token_stride, const float* k_cache, const float* v_cache,
+void prefill_attention(const float* q, int64_t q_token_stride, const void* k_cache, const void* v_cache, int kv_f16,
                        int64_t block_size, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
                        const int64_t* seq_ids, int64_t num_selected, const int64_t* query_start_loc,
                        const int64_t* seq_lens, const int64_t* block_table, int64_t max_blocks, float scale,
@@ -146,8 +147,8 @@ void prefill_attention(const float* q, int64_t q_token_stride, const float* k_ca
                 for (int64_t j = 0, slot, run; j < len; j += run) {
                     run = block_run(blocks, block_size, j, len, &slot);
                     for (int64_t i = 0; i < run; i++) {
-                        const float* k = k_cache + (slot + i) * slot_stride + g * head_dim;
-                        for (int64_t d = 0; d < head_dim; d++) kt[d * ld + j + i] = k[d];
+                        const int64_t k = (slot + i) * slot_stride + g * head_dim;
+                        for (int64_t d = 0; d < head_dim; d++) kt[d * ld + j + i] = kv_load(k_cache, k + d, kv_f16);
                     }
                 }
                 for (int64_t d = 0; d < head_dim; d++)
@@ -206,7 +207,7 @@ void prefill_attention(const float* q, int64_t q_token_stride, const float* k_ca
             for (int64_t r = 0; r < R; r += VALUE_ROWS)
                 for (int64_t d0 = 0; d0 < head_dim; d0 += 64)
                     value_rows(scores + r * width + (key_first - k0), width,
-                               R - r < VALUE_ROWS ? (int)(R - r) : VALUE_ROWS, v_cache, blocks, block_size,
+                               R - r < VALUE_ROWS ? (int)(R - r) : VALUE_ROWS, v_cache, kv_f16, blocks, block_size,
                                slot_stride, g * head_dim, key_first, last + 1, d0,
                                head_dim - d0 < 64 ? head_dim - d0 : 64, inv_sums + r, outs + r);
         }
