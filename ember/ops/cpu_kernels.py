@@ -32,8 +32,10 @@ SIGNATURES = {
     "rms_norm": [_P, _I64, _P, _P, _P, _P, _I64, _I64, _F, _INT],
     "silu_and_mul": [_P, _P, _I64, _I64, _INT],
     "rotary": [_P, _I64, _I64, _I64, _I64, _P, _P, _P],
-    "paged_attention": [_P, _I64, _P, _P, _INT, _I64, _I64, _I64, _I64, _P, _I64, _P, _P, _P, _I64, _F, _I64, _P, _INT],
-    "prefill_attention": [_P, _I64, _P, _P, _INT, _I64, _I64, _I64, _I64, _P, _I64, _P, _P, _P, _I64, _F, _I64, _P, _INT],
+    "paged_attention": [_P, _I64, _P, _P, _INT, _I64, _I64, _I64, _I64, _P, _I64, _P, _P, _P, _I64, _F, _I64, _P,
+                        _INT],
+    "prefill_attention": [_P, _I64, _P, _P, _INT, _I64, _I64, _I64, _I64, _P, _I64, _P, _P, _P, _I64, _F, _I64, _P,
+                          _INT],
     "decoder_layer": [_P, _P, _P, _P, _P, _P, _INT],
 }
 
@@ -201,8 +203,8 @@ def paged_attention(
     num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
     kernel = kernels().prefill_attention if long_queries else kernels().paged_attention
     kernel(
-        q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), is_half(k_cache), block_size, q.shape[1], num_kv_heads,
-        head_dim, seq_ids.data_ptr(), seq_ids.numel(), query_start_loc.data_ptr(), seq_lens.data_ptr(),
+        q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), is_half(k_cache), block_size, q.shape[1],
+        num_kv_heads, head_dim, seq_ids.data_ptr(), seq_ids.numel(), query_start_loc.data_ptr(), seq_lens.data_ptr(),
         block_table.data_ptr(), block_table.shape[1], scale, sliding_window or 0, out.data_ptr(),
         torch.get_num_threads())
 
@@ -229,8 +231,8 @@ class DecoderLayer(ctypes.Structure):
 
 class DecodeStep(ctypes.Structure):
     _fields_ = [("num_tokens", _I64), ("positions", _P), ("slots", _P), ("k_cache", _P), ("v_cache", _P),
-                ("kv_f16", _I64), ("block_size", _I64), ("seq_ids", _P), ("query_start_loc", _P), ("seq_lens", _P), ("block_table", _P),
-                ("num_seqs", _I64), ("max_blocks", _I64)]
+                ("kv_f16", _I64), ("block_size", _I64), ("seq_ids", _P), ("query_start_loc", _P), ("seq_lens", _P),
+                ("block_table", _P), ("num_seqs", _I64), ("max_blocks", _I64)]
 
 
 def decoder_layer(layer: DecoderLayer, step: DecodeStep, hidden: torch.Tensor, residual: torch.Tensor | None):

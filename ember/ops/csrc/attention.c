@@ -97,7 +97,8 @@ static inline __attribute__((always_inline)) void attend_avx512(
                 for (int j = 0; j < 16; j++) acc[j] = _mm512_setzero_ps();
                 for (int64_t c = 0; c < nc; c++) {
                     const __m512 qv = _mm512_loadu_ps(qh + h * D + c * 16);
-                    for (int j = 0; j < 16; j++) acc[j] = _mm512_fmadd_ps(qv, kv_load16(k_cache, key[j] + c * 16, kv_f16), acc[j]);
+                    for (int j = 0; j < 16; j++)
+                        acc[j] = _mm512_fmadd_ps(qv, kv_load16(k_cache, key[j] + c * 16, kv_f16), acc[j]);
                 }
                 _mm512_mask_storeu_ps(scores + h * n + p - first + r0, (__mmask16)((1u << m) - 1),
                                       _mm512_mul_ps(sum16(acc), _mm512_set1_ps(scale)));

@@ -93,9 +93,9 @@ void decoder_layer(const DecoderLayer* L, const DecodeStep* S, const float* hidd
         kv_store(S->k_cache, S->slots[t] * kv_size, qkv + t * qkv_width + q_size, kv_size, (int)S->kv_f16);
         kv_store(S->v_cache, S->slots[t] * kv_size, qkv + t * qkv_width + q_size + kv_size, kv_size, (int)S->kv_f16);
     }
-    paged_attention(qkv, qkv_width, S->k_cache, S->v_cache, (int)S->kv_f16, S->block_size, L->num_heads, L->num_kv_heads, hd,
-                    S->seq_ids, S->num_seqs, S->query_start_loc, S->seq_lens, S->block_table, S->max_blocks,
-                    L->scale, L->window, attn, num_threads);
+    paged_attention(qkv, qkv_width, S->k_cache, S->v_cache, (int)S->kv_f16, S->block_size, L->num_heads,
+                    L->num_kv_heads, hd, S->seq_ids, S->num_seqs, S->query_start_loc, S->seq_lens, S->block_table,
+                    S->max_blocks, L->scale, L->window, attn, num_threads);
     linear(&L->o, attn, T, projected, num_threads);
     rms_norm(projected, H, residual_out, residual_out, L->post_norm, normed, T, H, L->eps, num_threads);
     linear(&L->gate_up, normed, T, gate_up, num_threads);
