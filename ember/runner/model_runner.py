@@ -80,7 +80,8 @@ class ModelRunner:
                     module.quantize(quantize)
             if use_c_kernels and hasattr(self.model, "fuse_decode_layers"):
                 self.model.fuse_decode_layers()  # decode steps: a C call per layer
-        self.kv_dtype = resolve_kv_cache_dtype(config.cache.kv_cache_dtype, self.dtype, bool(quantize) and use_c_kernels)
+        quantized_c_kernels = bool(quantize) and use_c_kernels and not config.batch_invariant  # (which runs dense)
+        self.kv_dtype = resolve_kv_cache_dtype(config.cache.kv_cache_dtype, self.dtype, quantized_c_kernels)
         if self.use_triton and self.kv_dtype != self.dtype:
             raise ValueError(f"kv_cache_dtype {config.cache.kv_cache_dtype} runs on the CPU only; on a GPU use auto")
         bytes_per_block = (2 * self.model.num_layers * self.model.num_kv_heads * self.model.head_dim

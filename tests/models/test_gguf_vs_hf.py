@@ -16,9 +16,11 @@ PROMPTS = [
 # Ember and transformers both dequantize Q4_1 to the same float32 weights; what remains is float32
 # summation order (fused projections, attention kernels): log-probabilities agree to 1e-3.
 LOGPROB_ATOL = 1e-3
-# The default path's int8 head and int8 activations, through 30 layers: measured up to 0.22 nat on the top 5
-# tokens of these prompts (0.07 with float32 activations, the int8 head alone)
-QUANTIZED_LOGPROB_ATOL = 0.3
+# The default path's int8 head and int8 activations, through 30 layers: measured up to 0.27 nat on the top 5
+# tokens of these prompts with a float32 KV cache, 0.35 with the default half cache (0.07 with float32
+# activations, the int8 head alone). The half cache alone moves them by < 0.004 (test_quantized.py); through
+# int8 activations any perturbation flips some roundings, hence the wider spread.
+QUANTIZED_LOGPROB_ATOL = 0.4
 
 
 @pytest.fixture(scope="session")
@@ -69,7 +71,7 @@ def fast_llm():
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_default_quantized_path_stays_near_the_reference(fast_llm, hf_model, prompt):
     """The default CPU path (4-bit layers and int8 head, int8 activations where the CPU has VNNI) applies the
-    file's own 4-bit weights like the reference; it differs by its int8 head and activation rounding:
+    file's own 4-bit weights like the reference; it differs by its int8 head, activation rounding and half KV cache:
     the top token agrees and the top tokens' log-probabilities stay within QUANTIZED_LOGPROB_ATOL."""
     ids = fast_llm.get_tokenizer().encode(prompt, add_special_tokens=False)
     ours = fast_llm.generate([ids], SamplingParams(temperature=0, max_tokens=1, logprobs=5), use_tqdm=False)[0]
