@@ -135,7 +135,7 @@ static inline __attribute__((always_inline)) void attend_avx512(
 }
 #endif
 
-// A cache row as float32: in place, or converted into row (half caches).
+// A cache row as float32: in place, or widened into row (half caches).
 static inline const float* kv_row(const void* cache, int64_t i, int kv_f16, float* row, int64_t n)
 {
     if (!kv_f16) return (const float*)cache + i;
@@ -149,7 +149,7 @@ static void attend_scalar(const float* qh, int64_t hn, const void* k_cache, cons
                           int64_t pos, float scale, float* scores, float* o, int64_t head_dim)
 {
     const int64_t n = pos + 1 - first;
-    float* row = malloc(head_dim * sizeof(float));
+    float* row = kv_f16 ? malloc(head_dim * sizeof(float)) : NULL;  // a float32 cache is read in place
     for (int64_t p = first, slot, run; p <= pos; p += run) {  // scores, a block at a time
         run = block_run(blocks, block_size, p, pos + 1, &slot);
         for (int64_t r = 0; r < run; r++) {
