@@ -119,11 +119,10 @@ def run_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     with _no_gc_while_starting():
         from ember.engine.async_engine import AsyncEngine
-        from ember.engine.engine import LLMEngine
         from ember.server.app import run_server
 
         server_config = server_config_from_args(args)
-        engine = AsyncEngine(LLMEngine(engine_config_from_args(args)), server_config.max_queued_requests)
+        engine = AsyncEngine.from_config(engine_config_from_args(args), server_config.max_queued_requests)
     run_server(engine, server_config)
     return 0
 

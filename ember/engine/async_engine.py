@@ -3,6 +3,12 @@
 The engine steps in a worker thread (torch releases the GIL), while the event loop keeps serving.
 Adds and aborts arriving during a step are queued and applied between steps, so the engine's state
 is only ever touched by one thread at a time.
+
+`from_config` builds the engine on that same worker thread. OpenMP (libgomp: torch's CPU ops and Ember's
+C kernels) keeps a pool of workers for each thread that starts parallel work; once a second pool exists
+there are more OpenMP threads than cores, libgomp stops spinning between parallel regions, and every region
+then wakes its workers through the kernel. Loading on the main thread and stepping on another made each
+CPU step ~1.8x slower (benchmarks/NOTES.md, session 13).
 """
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ import logging
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
+from ember.config import EngineConfig
 from ember.engine.engine import LLMEngine
 from ember.outputs import RequestOutput
 from ember.sampling_params import SamplingParams
@@ -31,7 +38,9 @@ class EngineDeadError(RuntimeError):
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, max_queued_requests: int | None = None):
+    def __init__(self, engine: LLMEngine, max_queued_requests: int | None = None,
+                 executor: ThreadPoolExecutor | None = None):
+        """`executor`: the one-thread executor that steps the engine (the one that built it, see from_config)."""
         self.engine = engine
         self.max_queued_requests = max_queued_requests
         self._streams: dict[str, asyncio.Queue] = {}
@@ -39,8 +48,19 @@ class AsyncEngine:
         self._pending_aborts: list[str] = []
         self._wakeup: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ember-step")
+        self._executor = executor or _step_executor()
         self.is_accepting = True
+
+    @classmethod
+    def from_config(cls, config: EngineConfig, max_queued_requests: int | None = None) -> "AsyncEngine":
+        """Loads the engine on the thread that will step it: one OpenMP pool in the process (module docstring)."""
+        executor = _step_executor()
+        try:
+            engine = executor.submit(LLMEngine, config).result()
+        except BaseException:
+            executor.shutdown(wait=False)
+            raise
+        return cls(engine, max_queued_requests, executor)
 
     @property
     def tokenizer(self):
@@ -177,3 +197,7 @@ class AsyncEngine:
             queue.put_nowait(error)
             self.engine.abort_request(request_id)
         self._streams.clear()
+
+
+def _step_executor() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="ember-step")
