@@ -24,13 +24,17 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def resolve_kv_cache_dtype(name: str, model_dtype: torch.dtype, quantized_c_kernels: bool) -> torch.dtype:
+def resolve_kv_cache_dtype(name: str, model_dtype: torch.dtype, quantized_c_kernels: bool,
+                           triton: bool = False) -> torch.dtype:
     """The KV cache's element type. auto: float16 where the CPU path runs quantized weights on its C kernels
     (their outputs are already approximate; the cache then costs half the memory traffic), else the model's
-    dtype, so the float paths stay exact against their references. Half caches need float32 activations."""
+    dtype, so the float paths stay exact against their references. Half caches need float32 activations; the
+    GPU path's Triton kernels (`triton`) take the model's dtype only."""
     if name == "auto":
         return torch.float16 if quantized_c_kernels else model_dtype
     dtype = DTYPES[name]
+    if triton and dtype != model_dtype:
+        raise ValueError(f"kv_cache_dtype {name} runs on the CPU only; on a GPU use auto")
     if dtype != model_dtype and model_dtype != torch.float32:
         raise ValueError(f"kv_cache_dtype {name} needs float32 activations (the CPU path); this model runs in "
                          f"{str(model_dtype).removeprefix('torch.')}: use kv_cache_dtype auto")

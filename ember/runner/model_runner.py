@@ -81,9 +81,8 @@ class ModelRunner:
             if use_c_kernels and hasattr(self.model, "fuse_decode_layers"):
                 self.model.fuse_decode_layers()  # decode steps: a C call per layer
         quantized_c_kernels = bool(quantize) and use_c_kernels and not config.batch_invariant  # (which runs dense)
-        self.kv_dtype = resolve_kv_cache_dtype(config.cache.kv_cache_dtype, self.dtype, quantized_c_kernels)
-        if self.use_triton and self.kv_dtype != self.dtype:
-            raise ValueError(f"kv_cache_dtype {config.cache.kv_cache_dtype} runs on the CPU only; on a GPU use auto")
+        self.kv_dtype = resolve_kv_cache_dtype(config.cache.kv_cache_dtype, self.dtype, quantized_c_kernels,
+                                               self.use_triton)
         bytes_per_block = (2 * self.model.num_layers * self.model.num_kv_heads * self.model.head_dim
                            * self.kv_dtype.itemsize * self.block_size)
         if self.device.type == "cuda" and config.cache.num_kv_blocks is None and profile_kv_memory:
