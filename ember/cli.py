@@ -50,12 +50,18 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
 
 
 def add_server_flags(parser: argparse.ArgumentParser) -> None:
-    """One kebab-case flag per ServerConfig field, its default read from the dataclass."""
+    """One kebab-case flag per ServerConfig field, its default read from the dataclass (tuples: repeatable)."""
     group = parser.add_argument_group("server")
     hints = typing.get_type_hints(ServerConfig)
     for f in dataclasses.fields(ServerConfig):
-        base = next((t for t in typing.get_args(hints[f.name]) if t is not type(None)), hints[f.name])
-        group.add_argument("--" + f.name.replace("_", "-"), type=base, default=f.default, help=f"(default: {f.default})")
+        flag, hint = "--" + f.name.replace("_", "-"), hints[f.name]
+        if hint is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+        elif typing.get_origin(hint) is tuple:
+            group.add_argument(flag, action="append", type=typing.get_args(hint)[0], default=[], help="(repeatable)")
+        else:
+            base = next((t for t in typing.get_args(hint) if t is not type(None)), hint)
+            group.add_argument(flag, type=base, default=f.default, help=f"(default: {f.default})")
 
 
 def server_config_from_args(args: argparse.Namespace) -> ServerConfig:

@@ -124,13 +124,65 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     served_model_name: str | None = None  # None: the model's file or folder name
-    max_queued_requests: int = 256  # waiting requests beyond this get 503 with Retry-After
+    max_queued_requests: int = 256  # waiting requests (n counts n times) beyond this get 503 with Retry-After
     drain_timeout: float = 30.0  # seconds in-flight requests may take to finish on SIGTERM before they are aborted
+    # ---- access control
+    api_key: tuple[str, ...] = ()  # repeatable; when set, every route but /health and the page needs one
+    api_key_file: str | None = None  # more keys, one per line
+    metrics_public: bool = False  # /metrics answers without a key
+    allowed_origins: tuple[str, ...] = ()  # repeatable; browser origins allowed cross-site (CORS); "*": any
+    # repeatable; Host names accepted besides IP addresses, localhost names and --host; "*": any (DNS rebinding)
+    allowed_hosts: tuple[str, ...] = ()
+    ssl_certfile: str | None = None  # with --ssl-keyfile: serve HTTPS
+    ssl_keyfile: str | None = None
+    # ---- bounds on one request
+    max_request_body_bytes: int = 8 * 2**20  # larger bodies get 413
+    max_n: int = 16  # n and best_of
+    max_stop_strings: int = 16
+    max_stop_string_length: int = 512  # characters
+    max_grammar_bytes: int = 64 * 2**10  # a JSON schema, regex, choice list or grammar, as text
+    grammar_compile_timeout: float = 30.0  # seconds; past it the request gets 400
+    max_messages: int = 2048  # chat messages in one request
+    max_stream_buffer: int = 1024  # outputs queued for a client that does not read; past it the request is aborted
+    # Special-token text (e.g. "<|im_end|>") inside chat messages and editor code is plain text; True parses it
+    # as control tokens, which lets the text of a message forge turns (prompt injection)
+    parse_special_tokens_in_content: bool = False
+    # ---- connections
+    header_timeout: float = 10.0  # seconds a client may take to send its request line and headers
+    body_timeout: float = 30.0  # seconds a client may pause while sending its body (408 after)
+    keep_alive_timeout: float = 5.0  # seconds an idle keep-alive connection stays open
+    max_connections: int = 1024  # open connections and requests at once; past it new ones get 503
 
     def __post_init__(self) -> None:
+        for name in ("api_key", "allowed_origins", "allowed_hosts"):  # the CLI gives lists
+            object.__setattr__(self, name, tuple(getattr(self, name) or ()))
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.max_queued_requests < 1:
             raise ValueError(f"max_queued_requests must be positive, got {self.max_queued_requests}")
         if self.drain_timeout < 0:
             raise ValueError(f"drain_timeout must be non-negative, got {self.drain_timeout}")
+        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
+            raise ValueError("--ssl-certfile and --ssl-keyfile go together")
+        for name in ("max_request_body_bytes", "max_n", "max_stop_strings", "max_stop_string_length", "max_grammar_bytes",
+                     "max_messages", "max_stream_buffer", "max_connections"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("grammar_compile_timeout", "header_timeout", "body_timeout", "keep_alive_timeout"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if any(not key.strip() for key in self.api_key):
+            raise ValueError("api_key must not be empty")
+
+    def api_keys(self) -> tuple[str, ...]:
+        """--api-key values and the lines of --api-key-file (read now: a wrong path is an error at start-up)."""
+        keys = list(self.api_key)
+        if self.api_key_file is not None:
+            try:
+                with open(self.api_key_file) as f:
+                    keys += [line.strip() for line in f if line.strip() and not line.startswith("#")]
+            except OSError as exc:
+                raise FileNotFoundError(f"cannot read --api-key-file {self.api_key_file}: {exc.strerror}") from None
+            if len(keys) == len(self.api_key):
+                raise ValueError(f"--api-key-file {self.api_key_file} holds no key")
+        return tuple(keys)

@@ -11,6 +11,7 @@ import uvicorn
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -22,7 +23,9 @@ from ember.server.metrics import ServerMetrics
 from ember.server.protocol import ollama as ollama_protocol
 from ember.server.protocol import openai as openai_protocol
 from ember.server.protocol import tgi as tgi_protocol
+from ember.server.connections import timed_h11_protocol
 from ember.server.editor import EditorService
+from ember.server.guard import RequestGuard
 from ember.server.protocol import llamacpp as llamacpp_protocol
 from ember.server.routes import completion, health, llamacpp, metrics, ollama, openai, tgi, tokens, web
 from ember.server.serving import InvalidRequestError, Serving, ServingError, as_serving_error
@@ -49,7 +52,11 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
         description="A self-hosted LLM server: OpenAI, TGI, Ollama and editor (llama.cpp infill, Copilot, Tabby) protocols over one engine.",
         lifespan=lifespan,
     )
-    app.add_middleware(_JSONBodies)
+    # Added last, so outermost: a browser's preflight is answered before the guard asks it for a key.
+    app.add_middleware(RequestGuard, config=config, render=_render_error)
+    if config.allowed_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(config.allowed_origins), allow_methods=["*"],
+                           allow_headers=["*"], max_age=600)
     app.state.serving = serving
     app.state.metrics = serving.metrics
     app.state.editor = EditorService(serving)
@@ -63,32 +70,23 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
     return app
 
 
-class _JSONBodies:
-    """Reads every POST body as JSON, whatever its content type: Ollama's and llama.cpp's documented curl
-    examples post JSON with `-d` (sent as a form), and no route here takes a form."""
-
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["method"] == "POST":
-            headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
-            scope = dict(scope, headers=headers + [(b"content-type", b"application/json")])
-        await self.app(scope, receive, send)
-
-
 # ---- errors: the one place they become responses -------------------------------------------------
 def error_response(request: Request, err: ServingError) -> JSONResponse:
     """`err` in the error shape of the protocol the request's path belongs to."""
-    path = request.url.path
-    headers = {"Retry-After": str(getattr(err, "retry_after_s", 1))} if err.status_code == 503 else None
+    status, headers, body = _render_error(request.url.path, err)
+    return JSONResponse(body, status, headers or None)
+
+
+def _render_error(path: str, err: ServingError) -> tuple[int, dict, dict]:
+    """(status, headers, body) of `err` for a request to `path`."""
+    headers = {"Retry-After": str(getattr(err, "retry_after_s", 1))} if err.status_code == 503 else {}
     if path.startswith("/api/"):
-        return JSONResponse(ollama_protocol.error_body(err), err.status_code, headers)
+        return err.status_code, headers, ollama_protocol.error_body(err)
     if path in LLAMACPP_PATHS:
-        return JSONResponse(llamacpp_protocol.error_body(err), err.status_code, headers)
+        return err.status_code, headers, llamacpp_protocol.error_body(err)
     if path in TGI_PATHS:
-        return JSONResponse(tgi_protocol.error_body(err), tgi_protocol.status_code(err), headers)
-    return JSONResponse(openai_protocol.error_body(err), err.status_code, headers)
+        return tgi_protocol.status_code(err), headers, tgi_protocol.error_body(err)
+    return err.status_code, headers, openai_protocol.error_body(err)
 
 
 async def _serving_error(request: Request, exc: Exception) -> JSONResponse:
@@ -129,13 +127,19 @@ def run_server(async_engine: AsyncEngine, config: ServerConfig) -> None:
     app = build_app(async_engine, config)
     uvicorn_config = uvicorn.Config(
         app, host=config.host, port=config.port, log_level="info", workers=1,
+        http=timed_h11_protocol(config.header_timeout),
+        timeout_keep_alive=config.keep_alive_timeout,
+        limit_concurrency=config.max_connections,
+        ssl_certfile=config.ssl_certfile, ssl_keyfile=config.ssl_keyfile,
         timeout_graceful_shutdown=config.drain_timeout + 5,  # a backstop: the engine's drain ends streams first
     )
     server = _DrainingServer(uvicorn_config, async_engine, config.drain_timeout)
     serving = app.state.serving
+    scheme = "https" if config.ssl_certfile else "http"
     logger.info(
-        "serving %s (%s): context %d tokens, KV cache %d tokens, at http://%s:%d (API docs at /docs)",
-        serving.model_name, serving.model_path, serving.max_model_len, async_engine.engine.runner.num_kv_tokens, config.host, config.port,
+        "serving %s (%s): context %d tokens, KV cache %d tokens, at %s://%s:%d (API docs at /docs)%s",
+        serving.model_name, serving.model_path, serving.max_model_len, async_engine.engine.runner.num_kv_tokens,
+        scheme, config.host, config.port, "; API keys required" if config.api_keys() else "",
     )
     # uvicorn re-raises the signal it caught once it has shut down; with a Python handler already in place
     # that re-raise is harmless, so a drained server exits 0.
@@ -145,8 +149,10 @@ def run_server(async_engine: AsyncEngine, config: ServerConfig) -> None:
 
 
 class _DrainingServer(uvicorn.Server):
-    """On the first SIGTERM/SIGINT, also tells the engine to stop accepting and drain: requests still
-    running after `drain_timeout` are aborted, and their streams end with an error event."""
+    """On the first SIGTERM/SIGINT the engine stops accepting and drains while the server keeps its port:
+    new requests and /health get 503 rather than a refused connection. Requests still running after
+    `drain_timeout` are aborted (their streams end with an error event); then the server exits. A second
+    signal exits at once."""
 
     def __init__(self, config: uvicorn.Config, engine: AsyncEngine, drain_timeout: float):
         super().__init__(config)
@@ -159,10 +165,18 @@ class _DrainingServer(uvicorn.Server):
         await super().serve(sockets)
 
     def handle_exit(self, sig, frame) -> None:
-        if not self.should_exit and getattr(self, "_loop", None) is not None:
+        if self._drain_task is None and getattr(self, "_loop", None) is not None:
             self._loop.call_soon_threadsafe(self._start_drain)
+            return
         super().handle_exit(sig, frame)
 
     def _start_drain(self) -> None:
+        if self._drain_task is not None:
+            return
         logger.info("shutting down: no new requests; draining %d in flight (up to %.0f s)", self.engine.num_in_flight, self.drain_timeout)
-        self._drain_task = asyncio.ensure_future(self.engine.shutdown(self.drain_timeout))
+        self._drain_task = asyncio.ensure_future(self._drain_then_exit())
+
+    async def _drain_then_exit(self) -> None:
+        await self.engine.shutdown(self.drain_timeout)
+        await asyncio.sleep(0.2)  # the aborted streams' last events reach their clients
+        self.should_exit = True

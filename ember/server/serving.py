@@ -61,6 +61,37 @@ class ServerBusyError(ServingError):
     retry_after_s = 1
 
 
+class AuthenticationError(ServingError):
+    """No API key, or a wrong one (401)."""
+
+    status_code = 401
+    error_type = "authentication_error"
+
+    def __init__(self, message: str):
+        super().__init__(message, code="invalid_api_key")
+
+
+class ForbiddenError(ServingError):
+    """A cross-site request from an origin not allowed, or a Host name not allowed (403)."""
+
+    status_code = 403
+    error_type = "permission_error"
+
+
+class PayloadTooLargeError(ServingError):
+    status_code = 413
+
+
+class RequestTimeoutError(ServingError):
+    """The client paused too long while sending its body (408)."""
+
+    status_code = 408
+
+
+class UnsupportedMediaTypeError(ServingError):
+    status_code = 415
+
+
 class GenerationError(ServingError):
     """The engine failed while running the request (500); the server keeps serving."""
 

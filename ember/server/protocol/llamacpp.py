@@ -38,7 +38,9 @@ SAMPLER_NAMES = {
     "temperature": "temperature", "temp": "temperature", "t": "temperature",
 }
 STOP_TYPES = {"stop": "eos", "length": "limit"}  # "stop" with a stop word is "word"; anything else "none"
-ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error", 500: "server_error", 503: "unavailable_error"}
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+               408: "invalid_request_error", 413: "invalid_request_error", 415: "invalid_request_error", 429: "unavailable_error",
+               500: "server_error", 503: "unavailable_error"}
 
 
 class _Lenient(BaseModel):

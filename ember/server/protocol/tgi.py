@@ -157,4 +157,5 @@ def status_code(err: ServingError) -> int:
     return 422 if err.status_code == 400 else err.status_code
 
 
-ERROR_TYPES = {400: "validation", 404: "validation", 503: "overloaded", 500: "generation"}
+ERROR_TYPES = {400: "validation", 401: "authentication", 403: "authentication", 404: "validation", 408: "validation",
+               413: "validation", 415: "validation", 503: "overloaded", 500: "generation"}

@@ -1,6 +1,6 @@
 // Ember's web chat page: conversations in localStorage, answers streamed from this server's own
 // /v1/chat/completions (fetch + a reader over the SSE body), a small Markdown renderer that escapes
-// all HTML first. No build step, no dependencies.
+// all HTML first, an API key asked for when the server answers 401. No build step, no dependencies.
 "use strict";
 
 const $ = (selector) => document.querySelector(selector);
@@ -22,6 +22,11 @@ const store = {
     } catch (err) {
       console.warn("could not save to localStorage:", err);
     }
+  },
+  remove(key) {
+    try {
+      localStorage.removeItem(key);
+    } catch { /* nothing stored, nothing to remove */ }
   },
 };
 
@@ -159,7 +164,8 @@ for (const input of Object.values(fields)) input.addEventListener("change", comm
 async function loadModels() {
   const select = fields.model;
   try {
-    const response = await fetch("/v1/models");
+    document.querySelectorAll(".banner.error").forEach((banner) => banner.remove()); // this load's outcome replaces the last's
+    const response = await apiFetch("/v1/models");
     if (!response.ok) throw new Error(await errorMessage(response));
     const models = (await response.json()).data.map((m) => m.id);
     select.replaceChildren(...models.map((id) => new Option(id, id)));
@@ -188,6 +194,62 @@ async function errorMessage(response) {
     message = body.error?.message || body.error || body.detail || text;
   } catch { /* not JSON: the text itself */ }
   return `${response.status} ${response.statusText}: ${typeof message === "string" ? message : JSON.stringify(message)}`;
+}
+
+// ---- the API key ---------------------------------------------------------------------------------
+// A server started with --api-key answers 401 without one: the page asks for it in a dialog, keeps it in
+// localStorage and sends it as a bearer token on every API call. The key itself is never logged.
+const API_KEY = "ember.apiKey";
+let keyRequired = false; // an API call has answered 401: the header's "API key" button stays up
+let keyPrompt = null; // { promise, resolve } while the dialog is open; concurrent 401s wait on the same one
+
+function storedKey() {
+  const key = store.load(API_KEY, "");
+  return typeof key === "string" ? key : "";
+}
+
+function showKeyButton() {
+  $("#change-api-key").hidden = !keyRequired && !storedKey();
+}
+
+// Opens the dialog (or updates the one already open); resolves true once a key is saved, false when dismissed.
+function askForApiKey(reason, error = "") {
+  $("#api-key-reason").textContent = reason;
+  $("#api-key-error").textContent = error;
+  $("#api-key-error").hidden = !error;
+  $("#forget-api-key").hidden = !storedKey();
+  $("#api-key").value = "";
+  if (!keyPrompt) {
+    let resolve;
+    const promise = new Promise((r) => { resolve = r; });
+    keyPrompt = { promise, resolve };
+    $("#api-key-dialog").showModal();
+  }
+  $("#api-key").focus();
+  return keyPrompt.promise;
+}
+
+function closeKeyPrompt(saved) {
+  const prompt = keyPrompt;
+  keyPrompt = null;
+  if ($("#api-key-dialog").open) $("#api-key-dialog").close();
+  showKeyButton();
+  prompt?.resolve(saved);
+}
+
+// Every call to this server's API goes through here: the stored key rides along, and a 401 asks for a key
+// and tries again. A dismissed dialog leaves the 401 response to the caller.
+async function apiFetch(url, options = {}) {
+  for (;;) {
+    const key = storedKey();
+    const headers = { ...options.headers };
+    if (key) headers.Authorization = `Bearer ${key}`;
+    const response = await fetch(url, { ...options, headers });
+    if (response.status !== 401) return response;
+    keyRequired = true;
+    const error = key ? `The key was not accepted: ${await errorMessage(response.clone())}` : "";
+    if (!(await askForApiKey("This server needs an API key.", error))) return response;
+  }
 }
 
 // Yields each SSE event's data from a fetch response body.
@@ -231,7 +293,7 @@ async function generate(conv) {
   let numTokens = null;
   let finishReason = null;
   try {
-    const response = await fetch("/v1/chat/completions", {
+    const response = await apiFetch("/v1/chat/completions", {
       method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body), signal: controller.signal,
     });
     if (!response.ok) throw new Error(await errorMessage(response));
@@ -505,6 +567,27 @@ $("#toggle-settings").addEventListener("click", () => {
   panel.hidden = !panel.hidden;
   $("#toggle-settings").setAttribute("aria-expanded", String(!panel.hidden));
 });
+$("#change-api-key").addEventListener("click", async () => {
+  const reason = storedKey() ? "Change the API key this page sends, or forget it." : "The API key this server was started with:";
+  if (await askForApiKey(reason)) loadModels();
+});
+$("#api-key-form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  const key = $("#api-key").value.trim();
+  if (!/^[\x20-\x7e]+$/.test(key)) { // a header value: printable ASCII
+    $("#api-key-error").textContent = "An API key is printable ASCII text.";
+    $("#api-key-error").hidden = false;
+    return;
+  }
+  store.save(API_KEY, key);
+  closeKeyPrompt(true);
+});
+$("#forget-api-key").addEventListener("click", () => {
+  store.remove(API_KEY);
+  closeKeyPrompt(false);
+});
+$("#cancel-api-key").addEventListener("click", () => closeKeyPrompt(false));
+$("#api-key-dialog").addEventListener("cancel", () => closeKeyPrompt(false)); // Escape
 $("#messages").addEventListener("click", async (e) => {
   const copy = e.target.closest(".copy");
   if (!copy) return;
@@ -525,5 +608,6 @@ $("#messages").addEventListener("click", async (e) => {
 
 if (!currentConversation()) currentId = null;
 showSettings();
+showKeyButton();
 render();
 loadModels();
