@@ -128,7 +128,11 @@ def run_serve(args: argparse.Namespace) -> int:
         from ember.server.app import run_server
 
         server_config = server_config_from_args(args)
-        engine = AsyncEngine.from_config(engine_config_from_args(args), server_config.max_queued_requests)
+        server_config.api_keys()  # a wrong --api-key-file is an error before the model loads
+        engine = AsyncEngine.from_config(
+            engine_config_from_args(args), max_queued_requests=server_config.max_queued_requests,
+            max_stream_buffer=server_config.max_stream_buffer, grammar_compile_timeout=server_config.grammar_compile_timeout,
+        )
     run_server(engine, server_config)
     return 0
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 FINISH_STOP = "stop"  # EOS, a stop token id or a stop string
 FINISH_LENGTH = "length"  # max_tokens or the context length
 FINISH_ABORT = "abort"  # cancelled by the caller
+FINISH_ERROR = "error"  # the engine failed on this request alone (RequestOutput.error says why)
 
 
 @dataclass
@@ -40,3 +41,4 @@ class RequestOutput:
     finished: bool = False
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     metrics: dict = field(default_factory=dict)
+    error: str | None = None  # set (and finished) when the engine failed on this request; other requests go on

@@ -2,7 +2,14 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
+
+# seed: torch's generators take any integer in [-2**63, 2**64); children of an n > 1 request wrap within it.
+MIN_SEED, MAX_SEED = -(2**63), 2**64 - 1
+FLOAT32_TINY = 1.1754943508222875e-38  # float32's smallest normal number
+FLOAT32_MAX = 3.4028234663852886e38
+_MIN_TEMPERATURE = 1e-5  # below it, sampling is greedy (vLLM's _SAMPLING_EPS)
 
 
 @dataclass
@@ -72,6 +79,17 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == -1:
             self.top_k = 0
+        for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
+            value = getattr(self, name)
+            _check(isinstance(value, (int, float)) and math.isfinite(value), name, f"must be a finite number, got {value!r}")
+        _check(self.seed is None or MIN_SEED <= self.seed <= MAX_SEED, "seed",
+               f"must fit in 64 bits ([{MIN_SEED}, {MAX_SEED}]), got {self.seed}")
+        _check(all(isinstance(s, str) for s in self.stop), "stop", "must be strings")
+        # Values float32 cannot tell from 0 are the limit they approach (vLLM's rule for temperature).
+        if 0 < self.temperature < _MIN_TEMPERATURE:
+            self.temperature = 0.0  # greedy
+        if 0 < self.top_p < FLOAT32_TINY:
+            self.top_p = FLOAT32_TINY  # the top token only
         _check(self.n >= 1, "n", f"must be at least 1, got {self.n}")
         _check(self.max_tokens is None or self.max_tokens >= 1, "max_tokens", f"must be at least 1, got {self.max_tokens}")
         _check(self.min_tokens >= 0, "min_tokens", f"must be non-negative, got {self.min_tokens}")
@@ -85,9 +103,16 @@ class SamplingParams:
         _check(0 <= self.min_p <= 1, "min_p", f"must be in [0, 1], got {self.min_p}")
         _check(-2 <= self.presence_penalty <= 2, "presence_penalty", f"must be in [-2, 2], got {self.presence_penalty}")
         _check(-2 <= self.frequency_penalty <= 2, "frequency_penalty", f"must be in [-2, 2], got {self.frequency_penalty}")
-        _check(self.repetition_penalty > 0, "repetition_penalty", f"must be positive, got {self.repetition_penalty}")
+        _check(FLOAT32_TINY <= self.repetition_penalty <= FLOAT32_MAX, "repetition_penalty",
+               f"must be positive and within float32's range [{FLOAT32_TINY:.3g}, {FLOAT32_MAX:.3g}], got {self.repetition_penalty}")
         _check(self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs", f"must be in [0, 20], got {self.logprobs}")
         _check(all(s for s in self.stop), "stop", "stop strings must be non-empty")
+
+    def child_seed(self, index: int) -> int | None:
+        """The seed of sample `index` of an n > 1 request: seed + index, wrapped into the 64-bit range."""
+        if self.seed is None:
+            return None
+        return (self.seed + index - MIN_SEED) % 2**64 + MIN_SEED if self.seed + index > MAX_SEED else self.seed + index
 
     @property
     def is_greedy(self) -> bool:

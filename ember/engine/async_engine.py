@@ -20,9 +20,11 @@ from concurrent.futures import ThreadPoolExecutor
 from ember.config import EngineConfig
 from ember.engine.engine import LLMEngine
 from ember.outputs import RequestOutput
-from ember.sampling_params import SamplingParams
+from ember.sampling_params import InvalidParameterError, SamplingParams
 
 logger = logging.getLogger(__name__)
+# Longer prompts are tokenized in a worker thread (the tokenizer releases the GIL), not on the event loop.
+_TOKENIZE_OFF_LOOP_CHARS = 10_000
 
 
 class QueueFullError(RuntimeError):
@@ -37,12 +39,27 @@ class EngineDeadError(RuntimeError):
     """A step failed; requests in flight at that moment end with this error."""
 
 
+class RequestFailedError(RuntimeError):
+    """The engine failed on this request alone (the others in its step went on)."""
+
+
+class StreamStalledError(RequestAbortedError):
+    """The consumer stopped reading: more than `max_stream_buffer` outputs waited for it."""
+
+
 class AsyncEngine:
     def __init__(self, engine: LLMEngine, max_queued_requests: int | None = None,
-                 executor: ThreadPoolExecutor | None = None):
-        """`executor`: the one-thread executor that steps the engine (the one that built it, see from_config)."""
+                 executor: ThreadPoolExecutor | None = None, max_stream_buffer: int | None = None,
+                 grammar_compile_timeout: float | None = None):
+        """`executor`: the one-thread executor that steps the engine (the one that built it, see from_config).
+        `max_stream_buffer`: outputs a stream may hold unread before its request is aborted.
+        `grammar_compile_timeout`: seconds a request waits for its constraint to compile."""
         self.engine = engine
         self.max_queued_requests = max_queued_requests
+        self.max_stream_buffer = max_stream_buffer
+        self.grammar_compile_timeout = grammar_compile_timeout
+        # One compile at a time, off the event loop: a slow grammar holds one core at most.
+        self._compile_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ember-grammar")
         self._streams: dict[str, asyncio.Queue] = {}
         self._pending_adds = []
         self._pending_aborts: list[str] = []
@@ -52,15 +69,16 @@ class AsyncEngine:
         self.is_accepting = True
 
     @classmethod
-    def from_config(cls, config: EngineConfig, max_queued_requests: int | None = None) -> "AsyncEngine":
-        """Loads the engine on the thread that will step it: one OpenMP pool in the process (module docstring)."""
+    def from_config(cls, config: EngineConfig, **options) -> "AsyncEngine":
+        """Loads the engine on the thread that will step it: one OpenMP pool in the process (module docstring).
+        `options`: the constructor's keyword arguments."""
         executor = _step_executor()
         try:
             engine = executor.submit(LLMEngine, config).result()
         except BaseException:
             executor.shutdown(wait=False)
             raise
-        return cls(engine, max_queued_requests, executor)
+        return cls(engine, executor=executor, **options)
 
     @property
     def tokenizer(self):
@@ -74,7 +92,7 @@ class AsyncEngine:
     def num_waiting(self) -> int:
         """Requests waiting for a running slot. A request just added is not waiting while a slot is free
         for it (it is only not scheduled yet), so back-to-back arrivals are not refused by the queue bound."""
-        queued = len(self.engine.scheduler.waiting) + len(self._pending_adds)
+        queued = len(self.engine.scheduler.waiting) + sum(len(p.sequences) for p in self._pending_adds)
         free_slots = self.engine.config.scheduler.max_num_seqs - len(self.engine.scheduler.running)
         return max(0, queued - free_slots)
 
@@ -105,6 +123,7 @@ class AsyncEngine:
                 pass
             self._loop_task = None
         self._executor.shutdown(wait=True)
+        self._compile_executor.shutdown(wait=False, cancel_futures=True)
 
     # ---- requests ------------------------------------------------------------------------------
     async def generate(
@@ -122,12 +141,13 @@ class AsyncEngine:
         """
         if not self.is_accepting:
             raise QueueFullError("the server is shutting down")
-        if self.max_queued_requests is not None and self.num_waiting >= self.max_queued_requests:
-            raise QueueFullError(f"too many queued requests ({self.num_waiting}); try again shortly")
+        self._check_queue(params.n if params is not None else 1)
         if params is not None and params.structured_outputs is not None:
-            # Compile (or find cached) off the event loop; prepare_request then finds it in the cache.
-            await asyncio.to_thread(self.engine.structured_output.compile, params.structured_outputs)
+            await self._compile(params.structured_outputs)
+        if prompt_token_ids is None and prompt is not None and len(prompt) > _TOKENIZE_OFF_LOOP_CHARS:
+            prompt_token_ids = await asyncio.to_thread(self.engine.tokenizer.encode, prompt)
         parent = self.engine.prepare_request(request_id, prompt, params, prompt_token_ids, priority)
+        self._check_queue(len(parent.sequences))  # again: others may have queued while this one compiled
         if parent.request_id in self._streams:
             raise ValueError(f"request id {parent.request_id!r} is already in use")
         queue: asyncio.Queue = asyncio.Queue()
@@ -136,6 +156,30 @@ class AsyncEngine:
         self.start()
         self._wakeup.set()
         return self._stream(parent.request_id, queue)
+
+    def _check_queue(self, num_new: int) -> None:
+        """QueueFullError unless `num_new` more requests (n > 1 counts n) fit in the waiting queue."""
+        if self.max_queued_requests is None:
+            return
+        queued = len(self.engine.scheduler.waiting) + sum(len(p.sequences) for p in self._pending_adds)
+        free_slots = self.engine.config.scheduler.max_num_seqs - len(self.engine.scheduler.running)
+        if max(0, queued + num_new - free_slots) > self.max_queued_requests:
+            raise QueueFullError(f"too many queued requests ({self.num_waiting} waiting, {num_new} more asked, at most "
+                                 f"{self.max_queued_requests}); try again shortly")
+
+    async def _compile(self, constraint) -> None:
+        """Compiles (or finds cached) a constraint in the one compile thread; prepare_request then finds it in
+        the cache. A request that leaves, or waits past the timeout, gives up its place in the queue; a
+        compile that is already running cannot be interrupted (xgrammar has no cancellation), so it
+        finishes and is remembered as too slow."""
+        manager = self.engine.structured_output
+        future = self._compile_executor.submit(manager.compile, constraint)
+        try:
+            await asyncio.wait_for(asyncio.wrap_future(future), self.grammar_compile_timeout)
+        except asyncio.TimeoutError:
+            manager.mark_too_slow(constraint, self.grammar_compile_timeout)
+            raise InvalidParameterError(f"structured_outputs.{constraint.key[0]}",
+                                        f"did not compile within {self.grammar_compile_timeout:g} s") from None
 
     async def _stream(self, request_id: str, queue: asyncio.Queue) -> AsyncIterator[RequestOutput]:
         finished = False
@@ -150,12 +194,12 @@ class AsyncEngine:
             if not finished:
                 self.abort(request_id)
 
-    def abort(self, request_id: str, reason: str = "the request was aborted") -> None:
+    def abort(self, request_id: str, reason: str = "the request was aborted", error: type = RequestAbortedError) -> None:
         """Aborts a request at the next step boundary; its blocks are freed then. A consumer still
-        reading the stream gets RequestAbortedError(reason) rather than waiting forever."""
+        reading the stream gets `error(reason)` rather than waiting forever."""
         queue = self._streams.pop(request_id, None)
         if queue is not None:
-            queue.put_nowait(RequestAbortedError(reason))
+            queue.put_nowait(error(reason))
             self._pending_aborts.append(request_id)
             if self._wakeup is not None:
                 self._wakeup.set()
@@ -177,10 +221,18 @@ class AsyncEngine:
                 continue
             for output in outputs:
                 queue = self._streams.get(output.request_id)
-                if queue is not None:
-                    queue.put_nowait(output)
-                    if output.finished:
-                        del self._streams[output.request_id]
+                if queue is None:
+                    continue
+                if output.error is not None:
+                    del self._streams[output.request_id]
+                    queue.put_nowait(RequestFailedError(f"the engine failed while running this request: {output.error}"))
+                    continue
+                queue.put_nowait(output)
+                if output.finished:
+                    del self._streams[output.request_id]
+                elif self.max_stream_buffer is not None and queue.qsize() > self.max_stream_buffer:
+                    self.abort(output.request_id, f"the client read none of the last {self.max_stream_buffer} outputs",
+                               error=StreamStalledError)
             await asyncio.sleep(0)  # let handlers consume outputs and queue new requests
 
     def _apply_pending(self) -> None:

@@ -16,7 +16,7 @@ from ember.engine.scheduler import Scheduler
 from ember.engine.structured_output import GrammarMatcher, StructuredOutputManager
 from ember.loader import load_checkpoint
 from ember.loader.hub import embedded_model_path
-from ember.outputs import CompletionOutput, Logprob, RequestOutput
+from ember.outputs import FINISH_ERROR, CompletionOutput, Logprob, RequestOutput
 from ember.runner.memory import settle_heap
 from ember.runner.device import resolve_device, resolve_dtype, resolve_quantization
 from ember.runner.model_runner import ModelRunner
@@ -85,6 +85,7 @@ class LLMEngine:
         self.structured_output = StructuredOutputManager(self.tokenizer, self.runner.model.vocab_size, config.num_threads or 2)
         self._parents: dict[str, ParentRequest] = {}
         self._sequences: dict[str, _Sequence] = {}  # by the child request id
+        self._failed_outputs: list[RequestOutput] = []  # requests failed this step, reported with its outputs
         self._ids = itertools.count()
         settle_heap()  # the checkpoint's tensors are gone now
         logger.info("loaded %s on %s (%s): context %d tokens, KV cache %d tokens%s", path, device,
@@ -141,11 +142,16 @@ class LLMEngine:
                 f"needs {num_prompt_tokens + max_tokens} tokens of KV cache, but the cache holds "
                 f"{self.runner.num_kv_tokens}; lower max_tokens or raise kv_cache_memory_gib",
             )
+        if params.min_tokens > max_tokens:
+            raise InvalidParameterError(
+                "min_tokens", f"is {params.min_tokens}, but at most {max_tokens} tokens fit after this prompt in the "
+                f"context of {self.max_model_len} tokens",
+            )
         parent = ParentRequest(request_id, prompt, list(prompt_token_ids), params)
         for index in range(params.n):
             child_params = params
             if params.n > 1 and params.seed is not None:
-                child_params = dataclasses.replace(params, seed=params.seed + index)
+                child_params = dataclasses.replace(params, seed=params.child_seed(index))
             child_id = request_id if params.n == 1 else f"{request_id}#{index}"
             request = Request(child_id, prompt_token_ids, child_params, max_tokens, priority)
             detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens)
@@ -186,12 +192,24 @@ class LLMEngine:
         if self.speculation.speculative != "none":
             self._propose()
         scheduler_output = self.scheduler.schedule()
-        token_bitmasks = {}
+        token_bitmasks, failed = {}, {}
         for scheduled in scheduler_output.requests:
             sequence = self._sequences.get(scheduled.request_id)
             if scheduled.do_sample and sequence is not None and sequence.grammar is not None:
-                token_bitmasks[scheduled.request_id] = sequence.grammar.fill_bitmask()
-        sampled = self.runner.execute(scheduler_output, token_bitmasks)
+                try:
+                    token_bitmasks[scheduled.request_id] = sequence.grammar.fill_bitmask()
+                except Exception as exc:
+                    failed[scheduled.request_id] = exc
+        runnable = scheduler_output
+        if failed:
+            runnable = dataclasses.replace(scheduler_output, requests=[r for r in scheduler_output.requests if r.request_id not in failed])
+        try:
+            sampled = self.runner.execute(runnable, token_bitmasks)
+        except Exception:
+            logger.exception("a step of %d requests failed; running each alone", len(runnable.requests))
+            sampled = self._execute_alone(runnable, token_bitmasks, failed)
+        for child_id, exc in failed.items():
+            self._fail(child_id, exc)
         num_rejected = {}
         for scheduled in scheduler_output.requests:
             if scheduled.num_spec_tokens and scheduled.request_id in sampled:
@@ -202,20 +220,57 @@ class LLMEngine:
         changed: dict[str, ParentRequest] = {}
         now = time.monotonic()
         for child_id, tokens in sampled.items():
-            sequence = self._sequences[child_id]
-            for token in tokens:  # a stop among accepted proposals drops the tokens after it
-                if sequence.finish_reason is None:
-                    self._append_token(sequence, token)
+            sequence = self._sequences.get(child_id)
+            if sequence is None:  # a sibling (n > 1) failed: the whole request ended
+                continue
+            try:
+                for token in tokens:  # a stop among accepted proposals drops the tokens after it
+                    if sequence.finish_reason is None:
+                        self._append_token(sequence, token)
+            except Exception as exc:
+                logger.exception("request %s failed on its new token", child_id)
+                self._fail(child_id, exc)
+                continue
             parent = self._parents[sequence.parent_id]
             parent.first_token_time = parent.first_token_time or now
             changed[parent.request_id] = parent
-        outputs = [self._make_output(parent) for parent in changed.values()]
+        outputs = [self._make_output(parent) for parent in changed.values() if parent.request_id in self._parents]
         for output in outputs:
             if output.finished:
                 parent = self._parents.pop(output.request_id)
                 for sequence in parent.sequences:
                     self._sequences.pop(sequence.request.request_id, None)
-        return outputs
+        failed_outputs, self._failed_outputs = self._failed_outputs, []
+        return failed_outputs + outputs
+
+    def _execute_alone(self, scheduler_output, token_bitmasks: dict, failed: dict[str, Exception]) -> dict:
+        """Runs each request of a failed step on its own: the ones that fail again are `failed`; the rest
+        go on as if the step had worked."""
+        sampled = {}
+        for i, scheduled in enumerate(scheduler_output.requests):
+            alone = dataclasses.replace(scheduler_output, requests=[scheduled],
+                                        finished_request_ids=scheduler_output.finished_request_ids if i == 0 else set())
+            try:
+                sampled |= self.runner.execute(alone, token_bitmasks)
+            except Exception as exc:
+                logger.exception("request %s failed when run alone", scheduled.request_id)
+                failed[scheduled.request_id] = exc
+        return sampled
+
+    def _fail(self, child_id: str, exc: Exception) -> None:
+        """Ends the request that `child_id` belongs to (all its samples) with an error output."""
+        sequence = self._sequences.get(child_id)
+        if sequence is None:
+            return
+        parent = self._parents.pop(sequence.parent_id)
+        for sibling in parent.sequences:
+            self._sequences.pop(sibling.request.request_id, None)
+            if sibling.finish_reason is None:
+                sibling.finish_reason = FINISH_ERROR
+            self.scheduler.finish_request(sibling.request.request_id, RequestStatus.FINISHED_ERROR)
+        output = self._make_output(parent)
+        output.error = f"{type(exc).__name__}: {exc}"
+        self._failed_outputs.append(output)
 
     def _propose(self) -> None:
         """Proposes the next tokens of each running request in decode that may speculate."""

@@ -162,10 +162,16 @@ class KVCacheManager:
                 block.block_hash = block_hash
                 self.cached.setdefault(block_hash, block_id)
 
-    def free(self, request: Request) -> None:
-        """Releases the request's blocks; tail blocks go to the front of the eviction order."""
+    def free(self, request: Request, keep_cached: bool = True) -> None:
+        """Releases the request's blocks; tail blocks go to the front of the eviction order. With
+        `keep_cached=False` the blocks only this request held leave the prefix cache."""
         self.req_block_hashes.pop(request.request_id, None)
         for block_id in reversed(self.req_block_ids.pop(request.request_id, [])):
+            block = self.blocks[block_id]
+            if not keep_cached and block.ref_count == 1 and block.block_hash is not None:
+                if self.cached.get(block.block_hash) == block_id:
+                    del self.cached[block.block_hash]
+                block.block_hash = None
             self._release(block_id)
 
     def _release(self, block_id: int) -> None:

@@ -47,7 +47,8 @@ class Scheduler:
         elif request in self.waiting:
             self.waiting.remove(request)
         request.status = status
-        self.kv_cache.free(request)
+        # A failed step may have left its K/V unwritten: none of it may be matched as a cached prefix.
+        self.kv_cache.free(request, keep_cached=status != RequestStatus.FINISHED_ERROR)
         self.finished_request_ids.add(request_id)
 
     @property

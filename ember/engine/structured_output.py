@@ -29,6 +29,7 @@ class StructuredOutputManager:
         self._compiler = None
         self._cache: OrderedDict[tuple[str, str], object] = OrderedDict()
         self._lock = threading.Lock()  # the server compiles off the engine thread
+        self._too_slow: OrderedDict[tuple[str, str], float] = OrderedDict()  # key -> the timeout it missed
 
     @property
     def bitmask_size(self) -> int:
@@ -42,6 +43,9 @@ class StructuredOutputManager:
             if compiled is not None:
                 self._cache.move_to_end(key)
                 return compiled
+            if key in self._too_slow:
+                raise InvalidParameterError(f"structured_outputs.{key[0]}", f"did not compile within "
+                                            f"{self._too_slow[key]:g} s when last sent; it is not compiled again")
             compiler = self._get_compiler()
         try:
             compiled = _compile(compiler, params)
@@ -53,6 +57,14 @@ class StructuredOutputManager:
             while len(self._cache) > _MAX_CACHED_GRAMMARS:
                 self._cache.popitem(last=False)
         return compiled
+
+    def mark_too_slow(self, params: StructuredOutputsParams, timeout: float) -> None:
+        """`params` missed its compile deadline: later requests with it are refused at once (unless the
+        compile, still running, ends up in the cache)."""
+        with self._lock:
+            self._too_slow[params.key] = timeout
+            while len(self._too_slow) > _MAX_CACHED_GRAMMARS:
+                self._too_slow.popitem(last=False)
 
     def new_matcher(self, params: StructuredOutputsParams) -> "GrammarMatcher":
         import xgrammar

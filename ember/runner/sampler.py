@@ -152,6 +152,7 @@ def sampling_probs(
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         # Drop a token when the tokens ranked above it already cover top_p (the first always stays).
         drop_sorted = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_ps.unsqueeze(1)
+        drop_sorted[:, 0] = False
         drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
         probs = probs.masked_fill(drop, 0.0)
     min_ps = torch.tensor([r.params.min_p for r in requests], dtype=probs.dtype, device=probs.device)

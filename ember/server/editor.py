@@ -25,6 +25,7 @@ COMPLETION_PRIORITY = -1
 # it dropped is kept this long for that request to reuse (typed ahead) before it is aborted.
 ORPHAN_GRACE_S = 2.0
 MAX_SESSIONS = 1024
+_BUILD_ON_LOOP_CHARS = 10_000
 
 
 @dataclass
@@ -281,7 +282,11 @@ class EditorService:
             raise InvalidRequestError("editor completions have one choice: n must be 1", param="n")
         if self.metrics is not None:
             self.metrics.fim_requests.labels(self.metrics.model_name, self.fim_mode).inc()
-        token_ids, params, is_truncated = self._prompts.build(request)
+        size = len(request.prefix) + len(request.suffix) + sum(len(text) for _, text in request.extra_files)
+        if size > _BUILD_ON_LOOP_CHARS:  # tokenizing a large file would hold up every other request
+            token_ids, params, is_truncated = await asyncio.to_thread(self._prompts.build, request)
+        else:
+            token_ids, params, is_truncated = self._prompts.build(request)
         if request.warm_only:
             return await self._warm(request, token_ids, params, is_truncated)
 

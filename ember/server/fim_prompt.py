@@ -18,6 +18,7 @@ class FimPromptBuilder:
         self.serving = serving
         self.tokenizer = serving.tokenizer
         self.template = template
+        self.parse_special = serving.config.parse_special_tokens_in_content
 
     def build(self, request: FimRequest) -> tuple[list[int], SamplingParams, bool]:
         """The prompt's token ids, the sampling params with the template's stop tokens, and whether the
@@ -51,10 +52,10 @@ class FimPromptBuilder:
 
     def _render(self, prefix: str, suffix: str, extra_files: list[tuple[str, str]], filename: str | None) -> list[int]:
         if self.template is not None:
-            return self.template.render(self.tokenizer, prefix, suffix, extra_files, filename)
+            return self.template.render(self.tokenizer, prefix, suffix, extra_files, filename, parse_special=self.parse_special)
         # Prefix-only: the extra files go first as context, as comments would in a source file.
         context = "".join(f"\n\n--- {name} ---\n\n{text}" for name, text in extra_files)
-        return self.tokenizer.encode(context + prefix) if context + prefix else []
+        return self.tokenizer.encode(context + prefix, parse_special=self.parse_special) if context + prefix else []
 
     def _num_tokens(self, text: str) -> int:
         return len(self.tokenizer.encode(text, add_special_tokens=False)) if text else 0

@@ -20,12 +20,14 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from ember.config import ServerConfig
-from ember.engine.async_engine import AsyncEngine, EngineDeadError, QueueFullError, RequestAbortedError
+from ember.engine.async_engine import AsyncEngine, EngineDeadError, QueueFullError, RequestAbortedError, RequestFailedError
 from ember.outputs import RequestOutput
 from ember.sampling_params import InvalidParameterError, SamplingParams, StructuredOutputsParams
 from ember.server.metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
+# Longer texts are tokenized in a worker thread (the tokenizer releases the GIL), not on the event loop.
+_TOKENIZE_ON_LOOP_CHARS = 10_000
 
 
 # ---- errors --------------------------------------------------------------------------------------
@@ -107,7 +109,7 @@ def as_serving_error(exc: BaseException) -> ServingError:
         return InvalidRequestError(str(exc), param=exc.param)
     if isinstance(exc, (QueueFullError, RequestAbortedError)):
         return ServerBusyError(str(exc))
-    if isinstance(exc, EngineDeadError):
+    if isinstance(exc, (EngineDeadError, RequestFailedError)):
         return GenerationError(str(exc))
     logger.exception("unexpected error while serving a request", exc_info=exc)
     return GenerationError(f"internal error: {type(exc).__name__}: {exc}")
@@ -146,10 +148,13 @@ class Serving:
         self.config = config
         self.tokenizer = llm.tokenizer
         self.max_model_len: int = llm.max_model_len
-        self.model_path = str(llm.model_path)
+        self.model_path = str(llm.model_path)  # for logs only: answers name the file, never where it lies
+        self.model_file_name = os.path.basename(os.path.normpath(self.model_path))
         self.model_name = config.served_model_name or default_model_name(llm.config.model.model, self.model_path)
         self.created = int(time.time())
         self.metrics = metrics
+        # +1: a SentencePiece token's leading space may decode as an extra character
+        self._max_token_chars = max(map(len, self.tokenizer.get_vocab()), default=1) + 1
 
     # ---- identity ------------------------------------------------------------------------------
     def check_model(self, name: str | None, allow_tag: bool = False) -> None:
@@ -161,20 +166,43 @@ class Serving:
         raise ModelNotFoundError(f"The model `{name}` does not exist. This server serves `{self.model_name}`.")
 
     # ---- prompts -------------------------------------------------------------------------------
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+    async def encode(self, text: str, add_special_tokens: bool = True, param: str = "prompt") -> list[int]:
+        """Token ids of a prompt (special-token spellings are control tokens, as in vLLM and llama.cpp); a text
+        too long for the context is a 400 before it is tokenized, and a long one is tokenized off the loop."""
+        self.check_text_length(len(text), param)
+        if len(text) <= _TOKENIZE_ON_LOOP_CHARS:
+            return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        return await asyncio.to_thread(self.tokenizer.encode, text, add_special_tokens)
 
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
 
-    def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True, **extra) -> tuple[str, list[int]]:
-        """The model's chat template applied to `messages` (`extra`: template variables such as `tools`);
-        the template already holds any BOS token."""
+    async def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True, **extra) -> tuple[str, list[int]]:
+        """The model's chat template applied to `messages` (`extra`: template variables such as `tools`), and its
+        token ids; the template already holds any BOS token. Special-token spellings inside the messages are
+        plain text unless --parse-special-tokens-in-content."""
+        if len(messages) > self.config.max_messages:
+            raise InvalidRequestError(f"messages has {len(messages)} entries; at most {self.config.max_messages} are "
+                                      "allowed (--max-messages)", param="messages")
+        self.check_text_length(_num_chars(messages) + _num_chars(extra), "messages")
+        render = functools.partial(self.tokenizer.encode_chat, messages, add_generation_prompt,
+                                   self.config.parse_special_tokens_in_content, **extra)
         try:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, **extra)
+            if _num_chars(messages) <= _TOKENIZE_ON_LOOP_CHARS:
+                return render()
+            return await asyncio.to_thread(render)
         except Exception as exc:  # a template that raises on this conversation (e.g. role order) is the caller's 400
             raise InvalidRequestError(f"the chat template cannot render these messages: {exc}", param="messages") from exc
-        return text, self.encode(text, add_special_tokens=False)
+
+    def check_text_length(self, num_chars: int, param: str) -> None:
+        """400 for a text with more characters than the context could hold tokens of (no token is longer
+        than the vocabulary's longest spelling): no time is spent tokenizing it."""
+        limit = self.max_model_len * self._max_token_chars
+        if num_chars > limit:
+            raise InvalidRequestError(
+                f"{param} is {num_chars} characters long: more than this model's context of {self.max_model_len} "
+                f"tokens can hold", param=param, code="context_length_exceeded",
+            )
 
     def check_token_ids(self, token_ids: list[int], param: str = "prompt") -> None:
         vocab_size = self.tokenizer.vocab_size
@@ -219,6 +247,25 @@ class Serving:
             # vLLM's structured_outputs has the engine's own names (structured_outputs.choice, ...)
             raise renamed(exc, {} if param == "structured_outputs" else {exc.param: param}) from exc
 
+    def check_bounds(self, params: SamplingParams) -> None:
+        """The server's limits on one request (InvalidParameterError naming the field)."""
+        config = self.config
+        if params.n > config.max_n:
+            raise InvalidParameterError("n", f"must be at most {config.max_n} (--max-n), got {params.n}")
+        if len(params.stop) > config.max_stop_strings:
+            raise InvalidParameterError("stop", f"has {len(params.stop)} strings; at most {config.max_stop_strings} "
+                                        "are allowed (--max-stop-strings)")
+        longest = max((len(stop) for stop in params.stop), default=0)
+        if longest > config.max_stop_string_length:
+            raise InvalidParameterError("stop", f"has a string of {longest} characters; at most "
+                                        f"{config.max_stop_string_length} are allowed (--max-stop-string-length)")
+        if params.structured_outputs is not None:
+            kind, text = params.structured_outputs.key
+            size = len(text.encode("utf-8", "surrogatepass"))
+            if size > config.max_grammar_bytes:
+                raise InvalidParameterError(f"structured_outputs.{kind}", f"is {size} bytes; at most "
+                                            f"{config.max_grammar_bytes} are allowed (--max-grammar-bytes)")
+
     # ---- generation ----------------------------------------------------------------------------
     async def generate(
         self, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None = None, priority: int = 0,
@@ -231,6 +278,7 @@ class Serving:
         """
         request_id = f"req-{uuid.uuid4().hex}"
         try:
+            self.check_bounds(params)
             stream = await self.engine.generate(
                 prompt=prompt, params=params, request_id=request_id, prompt_token_ids=prompt_token_ids, priority=priority
             )
@@ -273,7 +321,7 @@ class RequestStream:
         except StopAsyncIteration:
             self._end()
             raise
-        except (EngineDeadError, RequestAbortedError) as exc:
+        except (EngineDeadError, RequestFailedError, RequestAbortedError) as exc:
             self._end()
             raise as_serving_error(exc) from exc
         except BaseException:  # cancelled: the engine stream aborted the request on its way out
@@ -395,6 +443,17 @@ def event_stream(
 
 def sse(event: dict) -> str:
     return f"data: {json.dumps(event, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+def _num_chars(value) -> int:
+    """Characters in the strings of a JSON-like value (messages, tools)."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, dict):
+        return sum(_num_chars(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_num_chars(v) for v in value)
+    return 0
 
 
 def default_model_name(model_arg: str | None, model_path: str) -> str:

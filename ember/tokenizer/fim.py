@@ -36,14 +36,16 @@ class FimTemplate:
         extra_files: Sequence[tuple[str, str]] = (),
         filename: str | None = None,
         repo_name: str = "myproject",
+        parse_special: bool = False,
     ) -> list[int]:
         """[bos] + repository context + FIM part. `extra_files` are (filename, text) pairs of other files;
         with a file separator they and `filename` become `[sep]name\\n text` sections after `[repo]repo_name\\n`,
         without one each file's text follows llama.cpp's snippet separator. The template's own tokens go
-        in by id; each text piece is encoded on its own."""
+        in by id; each text piece is encoded on its own, special-token spellings in it as plain text unless
+        `parse_special` (code may hold `<|endoftext|>` and the like)."""
 
         def encode(text: str) -> list[int]:
-            return tokenizer.encode(text, add_special_tokens=False) if text else []
+            return tokenizer.encode(text, add_special_tokens=False, parse_special=parse_special) if text else []
 
         token_ids = [tokenizer.bos_token_id] if _adds_bos(tokenizer) else []
         if self.file_sep_id is None:

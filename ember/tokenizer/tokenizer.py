@@ -2,12 +2,14 @@
 Hugging Face tokenizer folder or from GGUF metadata."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 
 import tokenizers
 
 from ember.tokenizer.chat_template import apply_chat_template
+from ember.tokenizer.plain_content import PlainContentEncoder, map_strings
 from ember.tokenizer.gguf_vocab import build_gguf_tokenizer
 
 # Special tokens that end a turn or a document in common chat formats; generation stops at any of them
@@ -97,10 +99,44 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self.backend.get_vocab_size(with_added_tokens=True)
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True, parse_special: bool = True) -> list[int]:
         """Token ids of `text`; `add_special_tokens` adds the BOS/EOS the model asks for (not the ones in
-        the text: encode chat-template output with add_special_tokens=False)."""
-        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        the text: encode chat-template output with add_special_tokens=False). `parse_special=False` reads
+        special-token spellings in the text as plain text (code an editor sends, say)."""
+        backend = self.backend if parse_special else self._plain_backend
+        return backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def encode_with_offsets(self, text: str, add_special_tokens: bool = True) -> list[tuple[int, tuple[int, int]]]:
+        """(token id, (start, stop) character span in `text`) of each token; added BOS/EOS span nothing."""
+        encoding = self.backend.encode(text, add_special_tokens=add_special_tokens)
+        return list(zip(encoding.ids, encoding.offsets))
+
+    def encode_chat(
+        self, messages: list[dict], add_generation_prompt: bool = True, parse_special_in_content: bool = False,
+        chat_template: str | None = None, **extra,
+    ) -> tuple[str, list[int]]:
+        """(prompt text, token ids) of `messages` through the chat template. Special-token spellings inside the
+        messages (and the `tools` given) are plain text unless `parse_special_in_content`: only the template
+        makes control tokens, so a message cannot forge a turn."""
+        if parse_special_in_content or not self._plain_content.is_needed:
+            text = self.apply_chat_template(messages, add_generation_prompt, chat_template, **extra)
+            return text, self.encode(text, add_special_tokens=False)
+
+        def render(hide):
+            guarded = {k: map_strings(v, hide) if k in ("tools", "documents") else v for k, v in extra.items()}
+            return self.apply_chat_template(map_strings(messages, hide), add_generation_prompt, chat_template, **guarded)
+
+        return self._plain_content.encode(render)
+
+    @functools.cached_property
+    def _plain_backend(self) -> tokenizers.Tokenizer:
+        backend = tokenizers.Tokenizer.from_str(self.backend.to_str())
+        backend.encode_special_tokens = True
+        return backend
+
+    @functools.cached_property
+    def _plain_content(self) -> PlainContentEncoder:
+        return PlainContentEncoder(self.backend)
 
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(list(token_ids), skip_special_tokens=skip_special_tokens)

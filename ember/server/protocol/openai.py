@@ -177,6 +177,8 @@ class CompletionRequest(_SamplingRequest):
 
     def prompts(self) -> list[str | list[int]]:
         """One entry per prompt: a string or token ids."""
+        if not self.prompt:
+            raise InvalidRequestError("prompt must not be empty", param="prompt")
         if isinstance(self.prompt, str) or (self.prompt and isinstance(self.prompt[0], int)):
             return [self.prompt]
         return list(self.prompt)
@@ -409,7 +411,7 @@ def models_list(serving: Serving, fim_template: FimTemplate | None = None) -> di
             "object": "model",
             "created": serving.created,
             "owned_by": "ember",
-            "root": serving.model_path,
+            "root": serving.model_file_name,
             "parent": None,
             "max_model_len": serving.max_model_len,
             "fim": {"supported": fim_template is not None, "template": fim_template.family if fim_template else None},

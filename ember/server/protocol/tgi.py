@@ -103,10 +103,13 @@ class GenerateRequest(_Strict):
     def param_names(self) -> dict[str, str]:
         return constraint_names("grammar")
 
-    def prompt_token_ids(self, serving: Serving) -> list[int]:
-        token_ids = serving.encode(self.inputs)
-        if self.parameters.truncate:
-            token_ids = token_ids[-self.parameters.truncate:]
+    async def prompt_token_ids(self, serving: Serving) -> list[int]:
+        token_ids = await serving.encode(self.inputs, param="inputs")
+        truncate = self.parameters.truncate
+        if truncate is not None and truncate < 1:
+            raise InvalidRequestError(f"parameters.truncate must be at least 1, got {truncate}", param="parameters.truncate")
+        if truncate:
+            token_ids = token_ids[-truncate:]
         return token_ids
 
 

@@ -21,7 +21,7 @@ async def completion(request: CompletionRequest, raw_request: Request):
     serving: Serving = raw_request.app.state.serving
     params = request.sampling_params()
     if isinstance(request.prompt, str):
-        prompt, token_ids = request.prompt, serving.encode(request.prompt)
+        prompt, token_ids = request.prompt, await serving.encode(request.prompt)
     else:
         serving.check_token_ids(request.prompt)
         prompt, token_ids = serving.decode(request.prompt, skip_special_tokens=False), list(request.prompt)

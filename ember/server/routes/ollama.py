@@ -47,11 +47,11 @@ async def generate(request: GenerateRequest, raw_request: Request):
     if request.suffix:
         return await _insert(request, params, raw_request)
     if request.raw:
-        prompt, token_ids = request.prompt or "", serving.encode(request.prompt or "")
+        prompt, token_ids = request.prompt or "", await serving.encode(request.prompt or "")
     else:
         messages = ([{"role": "system", "content": request.system}] if request.system else [])
         messages.append({"role": "user", "content": request.prompt or ""})
-        prompt, token_ids = serving.chat_prompt(messages)
+        prompt, token_ids = await serving.chat_prompt(messages)
     if request.context:
         serving.check_token_ids(request.context, "context")
         token_ids = list(request.context) + token_ids
@@ -79,7 +79,7 @@ async def chat(request: ChatRequest, raw_request: Request):
             "model": request.model, "created_at": now(), "message": {"role": "assistant", "content": ""},
             "done": True, "done_reason": "load",
         }
-    prompt, token_ids = serving.chat_prompt([m.as_template_message() for m in request.messages])
+    prompt, token_ids = await serving.chat_prompt([m.as_template_message() for m in request.messages])
     serving.check_context(len(token_ids), request.explicit_max_tokens, "options.num_predict", "messages")
     stream = await serving.generate(token_ids, params, prompt, param_names=request.param_names)
 
@@ -210,7 +210,7 @@ async def show(request: ShowRequest, raw_request: Request):
     entry = _model_entry(serving)
     details = entry["details"]
     return {
-        "modelfile": f"FROM {serving.model_path}\n",
+        "modelfile": f"FROM {serving.model_file_name}\n",
         "parameters": "",
         "template": serving.tokenizer.chat_template or "",
         "details": details,

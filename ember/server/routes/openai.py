@@ -55,7 +55,7 @@ async def create_completion(body: Annotated[dict, Body()], raw_request: Request)
     prompts: list[tuple[str, list[int]]] = []
     for prompt in request.prompts():
         if isinstance(prompt, str):
-            token_ids = serving.encode(prompt)
+            token_ids = await serving.encode(prompt)
         else:
             serving.check_token_ids(prompt)
             token_ids, prompt = list(prompt), serving.decode(prompt, skip_special_tokens=False) if request.echo else None
@@ -152,7 +152,7 @@ async def create_chat_completion(request: ChatCompletionRequest, raw_request: Re
     serving = _serving(raw_request)
     serving.check_model(request.model)
     params = request.sampling_params(serving)
-    prompt, token_ids = serving.chat_prompt(request.template_messages(), request.add_generation_prompt, **request.template_variables())
+    prompt, token_ids = await serving.chat_prompt(request.template_messages(), request.add_generation_prompt, **request.template_variables())
     serving.check_context(len(token_ids), request.requested_max_tokens, request.max_tokens_param, "messages")
     stream = await serving.generate(token_ids, params, prompt, request.priority, request.param_names)
     response_id = f"chatcmpl-{uuid.uuid4().hex}"

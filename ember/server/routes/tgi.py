@@ -40,7 +40,7 @@ async def generate_stream(request: GenerateRequest, raw_request: Request):
 
 async def _start(serving: Serving, request: GenerateRequest):
     params = request.sampling_params(serving)
-    token_ids = request.prompt_token_ids(serving)
+    token_ids = await request.prompt_token_ids(serving)
     explicit_max = request.parameters.max_new_tokens if "max_new_tokens" in request.parameters.model_fields_set else None
     serving.check_context(len(token_ids), explicit_max, "max_new_tokens", "inputs")
     return token_ids, await serving.generate(token_ids, params, request.inputs, param_names=request.param_names)
@@ -136,7 +136,7 @@ async def compat_generate(raw_request: Request, body: dict = Body(...)):
         return [await _generate(serving, request)]
     if "prompt" in body:
         request = _validate(QwenDemoRequest, body)
-        _, token_ids = serving.chat_prompt([{"role": "user", "content": request.prompt}])
+        _, token_ids = await serving.chat_prompt([{"role": "user", "content": request.prompt}])
         serving.check_context(len(token_ids), None, prompt_param="prompt")
         final = await serving.generate_final(token_ids, SamplingParams(**QWEN_DEMO_SAMPLING))
         now = datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")

@@ -2,6 +2,8 @@
 takes TGI's `{"inputs"}` and answers with TGI's list of `{id, text, start, stop}`."""
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Body, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -50,32 +52,28 @@ def _validate(model: type[BaseModel], body: dict):
 async def tokenize(raw_request: Request, body: dict = Body(...)):
     serving = _serving(raw_request)
     if "inputs" in body:
-        return _tgi_tokenize(serving, _validate(TGITokenizeRequest, body).inputs)
+        return await _tgi_tokenize(serving, _validate(TGITokenizeRequest, body).inputs)
     request = _validate(TokenizeRequest, body)
     serving.check_model(request.model)
     if (request.prompt is None) == (request.messages is None):
         raise InvalidRequestError("give exactly one of prompt or messages", param="prompt")
     if request.messages is not None:
-        text = serving.tokenizer.apply_chat_template(
-            [m.as_template_message() for m in request.messages], add_generation_prompt=request.add_generation_prompt
-        )
-        token_ids = serving.encode(text, add_special_tokens=bool(request.add_special_tokens))
+        if request.add_special_tokens:
+            raise InvalidRequestError("add_special_tokens applies to a prompt; the chat template places the "
+                                      "special tokens of messages", param="add_special_tokens")
+        _, token_ids = await serving.chat_prompt([m.as_template_message() for m in request.messages],
+                                                 request.add_generation_prompt)
     else:
-        token_ids = serving.encode(request.prompt, add_special_tokens=request.add_special_tokens is not False)
+        token_ids = await serving.encode(request.prompt, add_special_tokens=request.add_special_tokens is not False)
     token_strs = serving.tokenizer.convert_ids_to_tokens(token_ids) if request.return_token_strs else None
     return {"count": len(token_ids), "max_model_len": serving.max_model_len, "tokens": token_ids, "token_strs": token_strs}
 
 
-def _tgi_tokenize(serving: Serving, text: str) -> list[dict]:
-    """Each token with its character span in `text`, found by decoding growing prefixes."""
-    token_ids = serving.encode(text)
-    result, start = [], 0
-    for i, token_id in enumerate(token_ids):
-        stop = len(serving.decode(token_ids[: i + 1], skip_special_tokens=True))
-        piece = text[start:stop] if stop >= start else ""
-        result.append({"id": token_id, "text": piece, "start": start, "stop": max(start, stop)})
-        start = max(start, stop)
-    return result
+async def _tgi_tokenize(serving: Serving, text: str) -> list[dict]:
+    """Each token with its character span in `text` (the tokenizer's offsets)."""
+    serving.check_text_length(len(text), "inputs")
+    encoding = await asyncio.to_thread(serving.tokenizer.encode_with_offsets, text)
+    return [{"id": token_id, "text": text[start:stop], "start": start, "stop": stop} for token_id, (start, stop) in encoding]
 
 
 @router.post("/detokenize")
