@@ -156,3 +156,19 @@ def test_lookahead_slot_never_costs_an_allocation():
     assert kv.allocate_slots(a, 12)
     assert len(kv.block_ids("a")) == 3 and kv.num_free_blocks == 0
     kv.check_integrity()
+
+
+def test_failed_request_blocks_leave_the_prefix_cache_unless_shared():
+    kv = KVCacheManager(num_blocks=8, block_size=4)
+    a = make_request("a", list(range(8)))  # 2 full blocks, both cached
+    allocate_prompt(kv, a)
+    b = make_request("b", list(range(4)) + [90, 91, 92, 93])  # shares block 0 with a
+    assert allocate_prompt(kv, b) == 4
+    assert kv.block_ids("b") == [0, 2]
+    kv.free(b, keep_cached=False)  # b failed: its own block 2 is dropped, the shared block 0 stays cached
+    assert kv.blocks[2].block_hash is None and kv.blocks[0].block_hash is not None
+    assert kv.blocks[0].ref_count == 1 and kv.blocks[2].ref_count == 0
+    assert list(kv.free_queue)[0] == 2  # nothing to reuse: evicted first
+    kv.free(a)
+    assert kv.get_computed_blocks(make_request("c", list(range(8)) + [5])) == ([0, 1], 8)
+    kv.check_integrity()

@@ -269,3 +269,14 @@ def test_from_gguf_metadata_legacy_fim_ids():
     tok = Tokenizer.from_gguf_metadata(gguf_metadata(prefix=6, suffix=6, middle=6, fim_pre=1, fim_suf=3, fim_mid=2))
     assert tok.fim_token_ids == {"pre": 1, "suf": 3, "mid": 2}
     assert Tokenizer.from_gguf_metadata(gguf_metadata()).fim_token_ids == {}
+
+
+def test_code_with_special_token_text_stays_text():
+    """Code that spells a special token (a string constant, a test fixture) is text unless parse_special."""
+    tok = family_tokenizer("qwen")
+    template = detect_fim_template(tok)
+    eot, fim_middle = tok.get_vocab()["<|endoftext|>"], tok.get_vocab()["<|fim_middle|>"]
+    code = 'END = "<|endoftext|><|fim_middle|>"\n'
+    plain = template.render(tok, code, "\n")
+    assert eot not in plain and plain.count(fim_middle) == 1  # the template's own middle token only
+    assert eot in template.render(tok, code, "\n", parse_special=True)

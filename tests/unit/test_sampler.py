@@ -94,3 +94,18 @@ def test_invalid_parameters_name_themselves(field, value):
     with pytest.raises(InvalidParameterError) as info:
         SamplingParams(**{field: value})
     assert info.value.param == field
+
+
+def test_a_top_p_below_float32_range_keeps_the_top_token():
+    """top_p 1e-300 is 0 in float32: the nucleus still holds the most likely token (it once held nothing)."""
+    import torch
+
+    from ember.runner.sampler import sampling_probs
+    from ember.sampling_params import SamplingParams
+
+    class Row:
+        params = SamplingParams(temperature=1.0)
+        params.top_p = 0.0  # what float32 makes of 1e-300
+
+    probs = sampling_probs(torch.tensor([[0.0, 3.0, 1.0]]), [Row()])
+    assert probs[0].nonzero().flatten().tolist() == [1]
