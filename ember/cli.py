@@ -88,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat = sub.add_parser("chat", help="interactive chat in the terminal (/clear, /exit)")
     chat.add_argument("model", nargs="?", default=None, help="GGUF file, HF folder or hub id; with --url, the served model's name")
     chat.add_argument("--url", default=None, help="chat with a running server (e.g. http://127.0.0.1:8000) instead of loading the model")
+    chat.add_argument("--api-key", default=None, help="with --url: the server's API key (sent as a bearer token)")
     chat.add_argument("--system", default=None, help="system prompt")
     chat.add_argument("--max-tokens", type=int, default=512)
     chat.add_argument("--temperature", type=float, default=0.7)
@@ -200,9 +201,14 @@ def _local_replier(args: argparse.Namespace):
 
 def _remote_replier(args: argparse.Namespace):
     base = args.url.rstrip("/")
+    auth = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     model = args.model
     if model is None:
-        with urllib.request.urlopen(base + "/v1/models") as response:
+        try:
+            response = urllib.request.urlopen(urllib.request.Request(base + "/v1/models", headers=auth))
+        except urllib.error.HTTPError as exc:
+            raise ValueError(f"{base}/v1/models: {json.load(exc).get('error', {}).get('message', exc)}") from None
+        with response:
             model = json.load(response)["data"][0]["id"]
 
     def reply(messages: list[dict]):
@@ -211,7 +217,7 @@ def _remote_replier(args: argparse.Namespace):
             "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
         }
         request = urllib.request.Request(
-            base + "/v1/chat/completions", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+            base + "/v1/chat/completions", data=json.dumps(body).encode(), headers={"Content-Type": "application/json", **auth}
         )
         try:
             response = urllib.request.urlopen(request)

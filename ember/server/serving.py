@@ -184,11 +184,12 @@ class Serving:
         if len(messages) > self.config.max_messages:
             raise InvalidRequestError(f"messages has {len(messages)} entries; at most {self.config.max_messages} are "
                                       "allowed (--max-messages)", param="messages")
-        self.check_text_length(_num_chars(messages) + _num_chars(extra), "messages")
+        num_chars = _num_chars(messages) + _num_chars(extra)
+        self.check_text_length(num_chars, "messages")
         render = functools.partial(self.tokenizer.encode_chat, messages, add_generation_prompt,
                                    self.config.parse_special_tokens_in_content, **extra)
         try:
-            if _num_chars(messages) <= _TOKENIZE_ON_LOOP_CHARS:
+            if num_chars <= _TOKENIZE_ON_LOOP_CHARS:
                 return render()
             return await asyncio.to_thread(render)
         except Exception as exc:  # a template that raises on this conversation (e.g. role order) is the caller's 400
