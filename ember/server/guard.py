@@ -90,7 +90,7 @@ class RequestGuard:
         return origin == own or origin in self._allowed_origins or "*" in self._allowed_origins
 
     def _check_key(self, scope, headers: dict[str, str]) -> None:
-        if not self._key_digests or _is_public(scope["path"], self.config):
+        if not self._key_digests or _is_public(scope["method"], scope["path"], self.config):
             return
         given = headers.get("x-api-key")
         authorization = headers.get("authorization", "")
@@ -145,6 +145,8 @@ class RequestGuard:
         raw_headers += [(k.lower().encode(), v.encode()) for k, v in headers.items()]
         if status == 401:
             raw_headers.append((b"www-authenticate", b"Bearer"))
+        if status in (408, 413):  # the body was not read to its end: this connection cannot carry another request
+            raw_headers.append((b"connection", b"close"))
         await send({"type": "http.response.start", "status": status, "headers": raw_headers})
         await send({"type": "http.response.body", "body": payload})
 
@@ -210,9 +212,11 @@ def _replay(body: bytes, receive):
     return replayed
 
 
-def _is_public(path: str, config: ServerConfig) -> bool:
-    return (path in PUBLIC_PATHS or path in PAGE_PATHS or path.startswith("/static/")
-            or (config.metrics_public and path == "/metrics"))
+def _is_public(method: str, path: str, config: ServerConfig) -> bool:
+    if path in PUBLIC_PATHS or (config.metrics_public and path == "/metrics"):
+        return True
+    # The page is public to read, not to post to: POST / is TGI's generate route.
+    return method in ("GET", "HEAD") and (path in PAGE_PATHS or path.startswith("/static/"))
 
 
 def _headers(scope) -> dict[str, str]:
