@@ -30,9 +30,8 @@ class FimPromptBuilder:
         budget = self.serving.max_model_len - max_tokens
         if budget < 8:
             self.serving.check_context(0, max_tokens, prompt_param="input_prefix")
-        prefix, suffix, extra_files = request.prefix, request.suffix, list(request.extra_files)
+        prefix, suffix, extra_files, is_truncated = self._drop_what_cannot_fit(request)
         token_ids = self._render(prefix, suffix, extra_files, request.filename)
-        is_truncated = False
         while len(token_ids) > budget and extra_files:
             extra_files.pop(0)
             is_truncated = True
@@ -49,6 +48,20 @@ class FimPromptBuilder:
             token_ids = [self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else 0]
         self.serving.check_context(len(token_ids), max_tokens, prompt_param="input_prefix")
         return token_ids, params, is_truncated
+
+    def _drop_what_cannot_fit(self, request: FimRequest) -> tuple[str, str, list[tuple[str, str]], bool]:
+        """The prefix's last lines, the suffix's first lines and the extra files that could fit in the context at
+        all (no token is longer than the vocabulary's longest spelling), before any of it is tokenized: an editor
+        may send a file of megabytes, and tokenizing all of it would cost seconds for text sure to be cut."""
+        limit = self.serving.max_model_len * self.serving.max_token_chars
+        prefix, suffix = request.prefix, request.suffix
+        if len(prefix) > limit:
+            prefix = prefix[prefix.find("\n", len(prefix) - limit) + 1:] if "\n" in prefix[-limit:] else ""
+        if len(suffix) > limit:
+            suffix = suffix[: suffix.rfind("\n", 0, limit) + 1]
+        extra_files = [(name, text) for name, text in request.extra_files if len(name) + len(text) <= limit]
+        is_cut = (prefix, suffix, len(extra_files)) != (request.prefix, request.suffix, len(request.extra_files))
+        return prefix, suffix, extra_files, is_cut
 
     def _render(self, prefix: str, suffix: str, extra_files: list[tuple[str, str]], filename: str | None) -> list[int]:
         if self.template is not None:

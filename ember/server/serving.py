@@ -154,7 +154,7 @@ class Serving:
         self.created = int(time.time())
         self.metrics = metrics
         # +1: a SentencePiece token's leading space may decode as an extra character
-        self._max_token_chars = max(map(len, self.tokenizer.get_vocab()), default=1) + 1
+        self.max_token_chars = max(map(len, self.tokenizer.get_vocab()), default=1) + 1
 
     # ---- identity ------------------------------------------------------------------------------
     def check_model(self, name: str | None, allow_tag: bool = False) -> None:
@@ -198,7 +198,7 @@ class Serving:
     def check_text_length(self, num_chars: int, param: str) -> None:
         """400 for a text with more characters than the context could hold tokens of (no token is longer
         than the vocabulary's longest spelling): no time is spent tokenizing it."""
-        limit = self.max_model_len * self._max_token_chars
+        limit = self.max_model_len * self.max_token_chars
         if num_chars > limit:
             raise InvalidRequestError(
                 f"{param} is {num_chars} characters long: more than this model's context of {self.max_model_len} "

@@ -20,6 +20,7 @@ import tokenizers
 _MARKER_BASE = 0x100000
 _PLACEHOLDER_BASE = 0x108000
 _PLANE_16 = re.compile("[\U00100000-\U0010FFFF]")
+_SHORT_TEXT_CHARS = 4096  # encode_batch costs a thread hand-off; below this, encode is quicker and its GIL hold short
 
 
 class PlainContentEncoder:
@@ -54,8 +55,16 @@ class PlainContentEncoder:
         rendered = render(hide)
         text = _restore(rendered, hidden)
         marked = self._special.sub(lambda m: self._marker[m.group()], rendered)
-        ids = self._backend.encode(_restore(marked, hidden), add_special_tokens=False).ids
+        ids = encode_ids(self._backend, _restore(marked, hidden), add_special_tokens=False)
         return text, [self._real_id.get(token_id, token_id) for token_id in ids]
+
+
+def encode_ids(backend: tokenizers.Tokenizer, text: str, add_special_tokens: bool) -> list[int]:
+    """`backend.encode(text).ids`. A long text goes through encode_batch, which lets go of the GIL while it
+    works (encode holds it: a 1 MB text stalled the server's event loop for half a second)."""
+    if len(text) <= _SHORT_TEXT_CHARS:
+        return backend.encode(text, add_special_tokens=add_special_tokens).ids
+    return backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
 
 def _placeholder(hidden: dict[str, str], spelling: str) -> str:

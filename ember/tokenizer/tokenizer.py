@@ -9,7 +9,7 @@ import os
 import tokenizers
 
 from ember.tokenizer.chat_template import apply_chat_template
-from ember.tokenizer.plain_content import PlainContentEncoder, map_strings
+from ember.tokenizer.plain_content import PlainContentEncoder, encode_ids, map_strings
 from ember.tokenizer.gguf_vocab import build_gguf_tokenizer
 
 # Special tokens that end a turn or a document in common chat formats; generation stops at any of them
@@ -103,12 +103,11 @@ class Tokenizer:
         """Token ids of `text`; `add_special_tokens` adds the BOS/EOS the model asks for (not the ones in
         the text: encode chat-template output with add_special_tokens=False). `parse_special=False` reads
         special-token spellings in the text as plain text (code an editor sends, say)."""
-        backend = self.backend if parse_special else self._plain_backend
-        return backend.encode(text, add_special_tokens=add_special_tokens).ids
+        return encode_ids(self.backend if parse_special else self._plain_backend, text, add_special_tokens)
 
     def encode_with_offsets(self, text: str, add_special_tokens: bool = True) -> list[tuple[int, tuple[int, int]]]:
         """(token id, (start, stop) character span in `text`) of each token; added BOS/EOS span nothing."""
-        encoding = self.backend.encode(text, add_special_tokens=add_special_tokens)
+        encoding = self.backend.encode_batch([text], add_special_tokens=add_special_tokens)[0]
         return list(zip(encoding.ids, encoding.offsets))
 
     def encode_chat(
