@@ -169,17 +169,24 @@ class AsyncEngine:
 
     async def _compile(self, constraint) -> None:
         """Compiles (or finds cached) a constraint in the one compile thread; prepare_request then finds it in
-        the cache. A request that leaves, or waits past the timeout, gives up its place in the queue; a
-        compile that is already running cannot be interrupted (xgrammar has no cancellation), so it
-        finishes and is remembered as too slow."""
+        the cache. A request that leaves, or waits past the timeout behind other compiles, gives up its place
+        in the queue (503 for the latter). A compile that has run past the timeout cannot be interrupted
+        (xgrammar has no cancellation): it finishes in the background, and its constraint is remembered as
+        too slow (400 now, and at once when sent again)."""
         manager = self.engine.structured_output
+        manager.check_not_too_slow(constraint)  # at once, not after waiting behind the compile it missed
         future = self._compile_executor.submit(manager.compile, constraint)
         try:
-            await asyncio.wait_for(asyncio.wrap_future(future), self.grammar_compile_timeout)
+            await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), self.grammar_compile_timeout)
         except asyncio.TimeoutError:
+            if future.cancel():  # it never started: others' compiles held the thread, not this one's cost
+                raise QueueFullError("other constraints are compiling; try again shortly") from None
             manager.mark_too_slow(constraint, self.grammar_compile_timeout)
             raise InvalidParameterError(f"structured_outputs.{constraint.key[0]}",
                                         f"did not compile within {self.grammar_compile_timeout:g} s") from None
+        except asyncio.CancelledError:
+            future.cancel()  # the client left: a compile still queued never runs
+            raise
 
     async def _stream(self, request_id: str, queue: asyncio.Queue) -> AsyncIterator[RequestOutput]:
         finished = False

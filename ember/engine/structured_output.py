@@ -43,9 +43,7 @@ class StructuredOutputManager:
             if compiled is not None:
                 self._cache.move_to_end(key)
                 return compiled
-            if key in self._too_slow:
-                raise InvalidParameterError(f"structured_outputs.{key[0]}", f"did not compile within "
-                                            f"{self._too_slow[key]:g} s when last sent; it is not compiled again")
+            self._refuse_if_too_slow(key)
             compiler = self._get_compiler()
         try:
             compiled = _compile(compiler, params)
@@ -57,6 +55,17 @@ class StructuredOutputManager:
             while len(self._cache) > _MAX_CACHED_GRAMMARS:
                 self._cache.popitem(last=False)
         return compiled
+
+    def check_not_too_slow(self, params: StructuredOutputsParams) -> None:
+        """InvalidParameterError if `params` missed its compile deadline before (and is not cached since)."""
+        with self._lock:
+            if params.key not in self._cache:
+                self._refuse_if_too_slow(params.key)
+
+    def _refuse_if_too_slow(self, key: tuple[str, str]) -> None:
+        if key in self._too_slow:
+            raise InvalidParameterError(f"structured_outputs.{key[0]}", f"did not compile within "
+                                        f"{self._too_slow[key]:g} s when last sent; it is not compiled again")
 
     def mark_too_slow(self, params: StructuredOutputsParams, timeout: float) -> None:
         """`params` missed its compile deadline: later requests with it are refused at once (unless the

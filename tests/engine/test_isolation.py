@@ -65,3 +65,36 @@ def test_async_stream_of_the_failing_request_gets_its_error(llm):
     text, error = asyncio.run(main())
     assert text == llm.generate(PROMPTS[0], GREEDY, use_tqdm=False)[0].outputs[0].text
     assert error is not None and error.startswith("the engine failed while running this request")
+
+
+def test_a_slow_grammar_times_out_and_is_not_compiled_twice(llm):
+    """A constraint that misses the compile deadline is a 400-class error; sent again while its compile still
+    runs it is refused at once; once that compile has ended, it is served from the cache."""
+    from ember.engine.async_engine import QueueFullError
+    from ember.sampling_params import InvalidParameterError, StructuredOutputsParams
+
+    slow = SamplingParams(max_tokens=4, structured_outputs=StructuredOutputsParams(regex='[^"]{1,3000}'))
+    # Waits behind the slow compile: a busy queue (503), not a constraint of its own that is too slow.
+    queued = SamplingParams(max_tokens=4, structured_outputs=StructuredOutputsParams(regex="(yes|no)"))
+
+    async def main():
+        engine = AsyncEngine(llm.engine, grammar_compile_timeout=0.05)
+        errors = []
+        for params in (slow, slow, queued):
+            try:
+                await engine.generate(prompt="Say anything:", params=params)
+            except (InvalidParameterError, QueueFullError) as exc:
+                errors.append(f"{type(exc).__name__}: {exc}")
+        await asyncio.wrap_future(engine._compile_executor.submit(lambda: None))  # the slow compile has ended
+        finals = []
+        for params in (slow, queued):
+            finals.append([o async for o in await engine.generate(prompt="Say anything:", params=params)][-1])
+        await engine.shutdown(0)
+        return errors, finals
+
+    errors, finals = asyncio.run(main())
+    assert errors[0] == "InvalidParameterError: structured_outputs.regex did not compile within 0.05 s"
+    assert errors[1].endswith("when last sent; it is not compiled again")
+    assert errors[2] == "QueueFullError: other constraints are compiling; try again shortly"
+    assert all(f.finished for f in finals) and '"' not in finals[0].outputs[0].text
+    assert finals[1].outputs[0].text in ("yes", "no")
