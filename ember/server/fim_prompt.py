@@ -38,7 +38,8 @@ class FimPromptBuilder:
             token_ids = self._render(prefix, suffix, extra_files, request.filename)
         if len(token_ids) > budget:
             is_truncated = True
-            overhead = len(token_ids) - self._num_tokens(prefix) - self._num_tokens(suffix)  # template tokens, files
+            # template tokens, files (a prefix-only prompt holds no suffix)
+            overhead = len(token_ids) - self._num_tokens(prefix) - (self._num_tokens(suffix) if self.template else 0)
             for margin in (0, 16, 64):  # line sizes only add up to about the joined text's
                 prefix, suffix = self._fit(prefix, suffix, budget - overhead - margin)
                 token_ids = self._render(prefix, suffix, extra_files, request.filename)
@@ -60,6 +61,10 @@ class FimPromptBuilder:
         if len(suffix) > limit:
             suffix = suffix[: suffix.rfind("\n", 0, limit) + 1]
         extra_files = [(name, text) for name, text in request.extra_files if len(name) + len(text) <= limit]
+        num_chars = sum(len(name) + len(text) for name, text in extra_files)
+        while num_chars > limit:  # build() drops the first files first; these could not all fit
+            name, text = extra_files.pop(0)
+            num_chars -= len(name) + len(text)
         is_cut = (prefix, suffix, len(extra_files)) != (request.prefix, request.suffix, len(request.extra_files))
         return prefix, suffix, extra_files, is_cut
 
