@@ -184,8 +184,8 @@ def _local_replier(args: argparse.Namespace):
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
 
     def reply(messages: list[dict]):
-        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        request_id = engine.add_request(prompt=prompt, params=params, prompt_token_ids=tokenizer.encode(prompt, add_special_tokens=False))
+        prompt, token_ids = tokenizer.encode_chat(messages)
+        request_id = engine.add_request(prompt=prompt, params=params, prompt_token_ids=token_ids)
         try:
             while True:
                 for output in engine.step():

@@ -50,14 +50,14 @@ class LLM:
         add_generation_prompt: bool = True,
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
-        """Applies the model's chat template to each conversation, then generates."""
+        """Applies the model's chat template to each conversation, then generates. Special-token spellings inside
+        the messages are plain text (`Tokenizer.encode_chat`)."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        tokenizer = self.engine.tokenizer
-        prompts = [tokenizer.apply_chat_template(c, add_generation_prompt=add_generation_prompt) for c in conversations]
+        prompts = [self.engine.tokenizer.encode_chat(c, add_generation_prompt) for c in conversations]
         params = _per_prompt(sampling_params, len(prompts))
         request_ids = [
-            self.engine.add_request(prompt=prompt, params=p, prompt_token_ids=tokenizer.encode(prompt, add_special_tokens=False))
-            for prompt, p in zip(prompts, params)
+            self.engine.add_request(prompt=text, params=p, prompt_token_ids=token_ids)
+            for (text, token_ids), p in zip(prompts, params)
         ]
         return self._run(request_ids, use_tqdm)
 
