@@ -112,7 +112,8 @@ class SamplingParams:
         """The seed of sample `index` of an n > 1 request: seed + index, wrapped into the 64-bit range."""
         if self.seed is None:
             return None
-        return (self.seed + index - MIN_SEED) % 2**64 + MIN_SEED if self.seed + index > MAX_SEED else self.seed + index
+        seed = self.seed + index
+        return seed if seed <= MAX_SEED else seed - 2**64
 
     @property
     def is_greedy(self) -> bool:

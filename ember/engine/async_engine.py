@@ -23,8 +23,6 @@ from ember.outputs import RequestOutput
 from ember.sampling_params import InvalidParameterError, SamplingParams
 
 logger = logging.getLogger(__name__)
-# Longer prompts are tokenized in a worker thread (the tokenizer releases the GIL), not on the event loop.
-_TOKENIZE_OFF_LOOP_CHARS = 10_000
 
 
 class QueueFullError(RuntimeError):
@@ -92,9 +90,13 @@ class AsyncEngine:
     def num_waiting(self) -> int:
         """Requests waiting for a running slot. A request just added is not waiting while a slot is free
         for it (it is only not scheduled yet), so back-to-back arrivals are not refused by the queue bound."""
+        return self._num_waiting_with(0)
+
+    def _num_waiting_with(self, num_new: int) -> int:
+        """Requests that would wait for a slot once `num_new` more are added (each sample of n > 1 counts)."""
         queued = len(self.engine.scheduler.waiting) + sum(len(p.sequences) for p in self._pending_adds)
         free_slots = self.engine.config.scheduler.max_num_seqs - len(self.engine.scheduler.running)
-        return max(0, queued - free_slots)
+        return max(0, queued + num_new - free_slots)
 
     @property
     def num_in_flight(self) -> int:
@@ -144,8 +146,6 @@ class AsyncEngine:
         self._check_queue(params.n if params is not None else 1)
         if params is not None and params.structured_outputs is not None:
             await self._compile(params.structured_outputs)
-        if prompt_token_ids is None and prompt is not None and len(prompt) > _TOKENIZE_OFF_LOOP_CHARS:
-            prompt_token_ids = await asyncio.to_thread(self.engine.tokenizer.encode, prompt)
         parent = self.engine.prepare_request(request_id, prompt, params, prompt_token_ids, priority)
         self._check_queue(len(parent.sequences))  # again: others may have queued while this one compiled
         if parent.request_id in self._streams:
@@ -159,11 +159,7 @@ class AsyncEngine:
 
     def _check_queue(self, num_new: int) -> None:
         """QueueFullError unless `num_new` more requests (n > 1 counts n) fit in the waiting queue."""
-        if self.max_queued_requests is None:
-            return
-        queued = len(self.engine.scheduler.waiting) + sum(len(p.sequences) for p in self._pending_adds)
-        free_slots = self.engine.config.scheduler.max_num_seqs - len(self.engine.scheduler.running)
-        if max(0, queued + num_new - free_slots) > self.max_queued_requests:
+        if self.max_queued_requests is not None and self._num_waiting_with(num_new) > self.max_queued_requests:
             raise QueueFullError(f"too many queued requests ({self.num_waiting} waiting, {num_new} more asked, at most "
                                  f"{self.max_queued_requests}); try again shortly")
 

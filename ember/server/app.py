@@ -139,7 +139,7 @@ def run_server(async_engine: AsyncEngine, config: ServerConfig) -> None:
     logger.info(
         "serving %s (%s): context %d tokens, KV cache %d tokens, at %s://%s:%d (API docs at /docs)%s",
         serving.model_name, serving.model_path, serving.max_model_len, async_engine.engine.runner.num_kv_tokens,
-        scheme, config.host, config.port, "; API keys required" if config.api_keys() else "",
+        scheme, config.host, config.port, "; API keys required" if config.api_key or config.api_key_file else "",
     )
     # uvicorn re-raises the signal it caught once it has shut down; with a Python handler already in place
     # that re-raise is harmless, so a drained server exits 0.

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from ember.sampling_params import SamplingParams
 from ember.server.completion_text import CompletionTrimmer
 from ember.server.fim_prompt import FimPromptBuilder
-from ember.server.serving import InvalidRequestError, RequestStream, Serving, as_serving_error
+from ember.server.serving import TOKENIZE_ON_LOOP_CHARS, InvalidRequestError, RequestStream, Serving, as_serving_error
 from ember.tokenizer import detect_fim_template
 
 # Completions run ahead of chat: lower priority values are scheduled first.
@@ -25,7 +25,6 @@ COMPLETION_PRIORITY = -1
 # it dropped is kept this long for that request to reuse (typed ahead) before it is aborted.
 ORPHAN_GRACE_S = 2.0
 MAX_SESSIONS = 1024
-_BUILD_ON_LOOP_CHARS = 10_000
 
 
 @dataclass
@@ -283,7 +282,7 @@ class EditorService:
         if self.metrics is not None:
             self.metrics.fim_requests.labels(self.metrics.model_name, self.fim_mode).inc()
         size = len(request.prefix) + len(request.suffix) + sum(len(text) for _, text in request.extra_files)
-        if size > _BUILD_ON_LOOP_CHARS:  # tokenizing a large file would hold up every other request
+        if size > TOKENIZE_ON_LOOP_CHARS:  # tokenizing a large file would hold up every other request
             token_ids, params, is_truncated = await asyncio.to_thread(self._prompts.build, request)
         else:
             token_ids, params, is_truncated = self._prompts.build(request)

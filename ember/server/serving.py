@@ -27,7 +27,7 @@ from ember.server.metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
 # Longer texts are tokenized in a worker thread (the tokenizer releases the GIL), not on the event loop.
-_TOKENIZE_ON_LOOP_CHARS = 10_000
+TOKENIZE_ON_LOOP_CHARS = 10_000
 
 
 # ---- errors --------------------------------------------------------------------------------------
@@ -170,7 +170,7 @@ class Serving:
         """Token ids of a prompt (special-token spellings are control tokens, as in vLLM and llama.cpp); a text
         too long for the context is a 400 before it is tokenized, and a long one is tokenized off the loop."""
         self.check_text_length(len(text), param)
-        if len(text) <= _TOKENIZE_ON_LOOP_CHARS:
+        if len(text) <= TOKENIZE_ON_LOOP_CHARS:
             return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
         return await asyncio.to_thread(self.tokenizer.encode, text, add_special_tokens)
 
@@ -189,7 +189,7 @@ class Serving:
         render = functools.partial(self.tokenizer.encode_chat, messages, add_generation_prompt,
                                    self.config.parse_special_tokens_in_content, **extra)
         try:
-            if num_chars <= _TOKENIZE_ON_LOOP_CHARS:
+            if num_chars <= TOKENIZE_ON_LOOP_CHARS:
                 return render()
             return await asyncio.to_thread(render)
         except Exception as exc:  # a template that raises on this conversation (e.g. role order) is the caller's 400

@@ -46,11 +46,11 @@ class PlainContentEncoder:
     def encode(self, render: Callable[[Callable[[str], str]], str]) -> tuple[str, list[int]]:
         """(text, token ids) of `render(hide)`: a renderer that passes every string it takes from the messages
         through `hide` before the template sees it."""
-        hidden: dict[str, str] = {}  # placeholder -> the spelling it stands for
+        hidden: dict[str, str] = {}  # spelling -> the placeholder that stands for it
 
         def hide(text: str) -> str:
             text = _PLANE_16.sub("\ufffd", text)
-            return self._special.sub(lambda m: _placeholder(hidden, m.group()), text)
+            return self._special.sub(lambda m: hidden.setdefault(m.group(), chr(_PLACEHOLDER_BASE + len(hidden))), text)
 
         rendered = render(hide)
         text = _restore(rendered, hidden)
@@ -67,17 +67,8 @@ def encode_ids(backend: tokenizers.Tokenizer, text: str, add_special_tokens: boo
     return backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
 
-def _placeholder(hidden: dict[str, str], spelling: str) -> str:
-    for placeholder, known in hidden.items():
-        if known == spelling:
-            return placeholder
-    placeholder = chr(_PLACEHOLDER_BASE + len(hidden))
-    hidden[placeholder] = spelling
-    return placeholder
-
-
 def _restore(text: str, hidden: dict[str, str]) -> str:
-    for placeholder, spelling in hidden.items():
+    for spelling, placeholder in hidden.items():
         text = text.replace(placeholder, spelling)
     return text
 

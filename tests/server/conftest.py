@@ -17,11 +17,14 @@ SMALL = ["--max-model-len", "2048", "--kv-cache-memory-gib", "0.25", "--batch-in
 
 
 class EmberServer:
+    scheme = "http"
+    verify = True  # httpx's `verify` for the health checks (an SSL context for a server with a test certificate)
+
     def __init__(self, *args: str, log_path: str):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{self.scheme}://127.0.0.1:{self.port}"
         self.log_path = log_path
         self._log = open(log_path, "w")
         command = [sys.executable, "-m", "ember", "serve", "--port", str(self.port), "--served-model-name", MODEL_NAME, *SMALL, *args]
@@ -34,7 +37,7 @@ class EmberServer:
             if self.process.poll() is not None:
                 raise RuntimeError(f"ember serve exited with {self.process.returncode}:\n{self.log()}")
             try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                if httpx.get(self.url + "/health", timeout=1, verify=self.verify).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass

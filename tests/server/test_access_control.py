@@ -444,24 +444,11 @@ def make_self_signed(folder) -> tuple[str, str]:
 class TLSEmberServer(EmberServer):
     """An EmberServer that serves HTTPS: it polls https://.../health, trusting only `cert_path`."""
 
-    def __init__(self, *args: str, cert_path: str, key_path: str, log_path: str):
-        self.context = ssl.create_default_context(cafile=cert_path)
-        super().__init__("--ssl-certfile", cert_path, "--ssl-keyfile", key_path, *args, log_path=log_path)
+    scheme = "https"
 
-    def _wait_healthy(self, timeout: float) -> None:
-        self.url = self.url.replace("http://", "https://")
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"ember serve exited with {self.process.returncode}:\n{self.log()}")
-            try:
-                if httpx.get(self.url + "/health", verify=self.context, timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        self.stop()
-        raise RuntimeError(f"ember serve did not become healthy in {timeout} s:\n{self.log()}")
+    def __init__(self, *args: str, cert_path: str, key_path: str, log_path: str):
+        self.context = self.verify = ssl.create_default_context(cafile=cert_path)
+        super().__init__("--ssl-certfile", cert_path, "--ssl-keyfile", key_path, *args, log_path=log_path)
 
 
 TLS_KEY = "tls-key"
