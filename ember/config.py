@@ -5,6 +5,10 @@ import os
 from dataclasses import dataclass, field, fields
 
 
+# ember/ops/cpu_variants.py's variant names, best first (config is a leaf: the list is repeated, and a test checks it)
+CPU_KERNEL_CHOICES = ("auto", "reference", "avx512_vnni", "avx512", "avx2_vnni", "avx2", "portable")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     model: str | None = None  # GGUF file, Hugging Face folder or hub id; None: the embedded SmolLM2
@@ -16,9 +20,12 @@ class ModelConfig:
     # Weight-only copies: int4 (CPU, batches up to 16 rows), int8 (CPU: up to 16 rows; GPU: every batch);
     # auto: int4 on a CPU / int8 on a GPU when the GGUF file's weights are 4-bit or less
     quantize: str = "auto"  # auto | int4 | int8 | none
-    # CPU int4 matmuls round activations to int8 per block of 32 inputs (llama.cpp's way; ~2x faster) where the
-    # CPU has AVX512-VNNI; --no-int8-activations keeps float32 activations (exact against the dequantized weights)
+    # CPU int4 / int8 matmuls round activations to int8 per block of 32 inputs (llama.cpp's way; ~2x faster);
+    # --no-int8-activations keeps float32 activations (exact against the dequantized weights)
     int8_activations: bool = True
+    # The CPU kernel library: auto (the best variant built at install that this CPU runs), reference (PyTorch's
+    # ops, the test oracle), or a variant: avx512_vnni | avx512 | avx2_vnni | avx2 | portable
+    cpu_kernels: str = "auto"
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
@@ -27,6 +34,8 @@ class ModelConfig:
             raise ValueError(f"quantize must be auto, int4, int8 or none, got {self.quantize!r}")
         if not (self.device in ("auto", "cpu", "cuda") or (self.device.startswith("cuda:") and self.device[5:].isdigit())):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.cpu_kernels not in CPU_KERNEL_CHOICES:
+            raise ValueError(f"cpu_kernels must be one of {', '.join(CPU_KERNEL_CHOICES)}, got {self.cpu_kernels!r}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be positive, got {self.max_model_len}")
 

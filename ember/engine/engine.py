@@ -88,9 +88,10 @@ class LLMEngine:
         self._failed_outputs: list[RequestOutput] = []  # requests failed this step, reported with its outputs
         self._ids = itertools.count()
         settle_heap()  # the checkpoint's tensors are gone now
-        logger.info("loaded %s on %s (%s): context %d tokens, KV cache %d tokens%s", path, device,
+        self.kernel_variant = self.runner.backends.kernel_variant  # the kernels in use: /info and /metrics report it
+        logger.info("loaded %s on %s (%s): context %d tokens, KV cache %d tokens (%s); %s", path, device,
                     str(self.runner.dtype).removeprefix("torch."), self.max_model_len, self.runner.num_kv_tokens,
-                    f", {quantize} weights" if quantize else "")
+                    str(self.runner.kv_dtype).removeprefix("torch."), self.runner.backends.describe())
 
     # ---- requests ------------------------------------------------------------------------------
     def add_request(

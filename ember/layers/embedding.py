@@ -1,10 +1,9 @@
 """Token embedding and the LM head (which may share the embedding's weight)."""
+from __future__ import annotations
+
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from ember.layers.linear import quantized_or_dense
-from ember.ops.linear import Int8Weight, TransposedProductWeight
 
 
 class VocabEmbedding(nn.Module):
@@ -17,47 +16,20 @@ class VocabEmbedding(nn.Module):
 
 
 class LMHead(nn.Module):
-    """hidden -> float32 logits; with `tied_to`, it reuses the embedding's parameter instead of owning one."""
+    """hidden -> float32 logits through its quant method; with `tied_to`, it reuses the embedding's parameter
+    instead of owning one (and the method keeps that plain matrix)."""
 
-    use_triton = False  # the GPU path's kernels (set by the runner before `quantize`)
-    int8_activations = False  # the CPU copy: the int8-activation kernel (set by the runner before `quantize`)
-
-    def __init__(
-        self,
-        hidden_size: int,
-        vocab_size: int,
-        dtype: torch.dtype,
-        tied_to: VocabEmbedding | None = None,
-        batch_invariant: bool = False,
-    ):
+    def __init__(self, hidden_size: int, vocab_size: int, dtype: torch.dtype, method, tied_to: VocabEmbedding | None = None):
         super().__init__()
-        self.batch_invariant = batch_invariant
+        self.method = method
+        self.output_sizes = [vocab_size]
         self.is_tied = tied_to is not None
+        method.create_weights(self, hidden_size, vocab_size, False, dtype)
         if tied_to is not None:
             self.weight = tied_to.weight
-        else:
-            self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size, dtype=dtype), requires_grad=False)
+
+    def process_weights_after_loading(self) -> None:
+        self.method.process_weights_after_loading(self)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:  # [num_seqs, hidden] -> [num_seqs, vocab]
-        return quantized_or_dense(self, hidden_states, self.weight, None).float()
-
-    def quantize(self, kind: str = "int4") -> None:
-        """An int8 copy: the head is the model's largest matrix, and the most sensitive. On Ember's C kernel it
-        serves every batch; on PyTorch's (small batches only) larger ones take the transposed product on the
-        plain matrix. GPU path: the int8 copy serves every batch. The plain matrix stays only when the
-        embedding shares it."""
-        if self.use_triton:
-            from ember.ops.triton_linear import TritonInt8Weight
-
-            self.prepacked = TritonInt8Weight(self.weight.data)
-            if not self.is_tied:
-                self.weight.data = self.weight.data.new_empty(0, self.weight.shape[1])
-            return
-        self.quantized = Int8Weight(self.weight.data, self.int8_activations)
-        if self.batch_invariant:
-            return
-        if self.quantized.max_rows is None:
-            if not self.is_tied:
-                self.weight.data = self.weight.data.new_empty(0, self.weight.shape[1])
-        else:
-            self.prepacked = TransposedProductWeight(self.weight.data)
+        return self.method.apply(self, hidden_states).float()

@@ -8,17 +8,15 @@ import math
 import torch
 from torch import nn
 
-from ember.ops import cpu_kernels
-
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
 class RotaryEmbedding(nn.Module):
-    use_triton = False  # the GPU path's kernel (set by the runner)
-    use_c_kernels = False  # the CPU path's C kernels, ember/ops/csrc (set by the runner)
+    """cos/sin of every position, applied to q and k by the pointwise backend."""
 
-    def __init__(self, head_dim: int, max_position: int, base: float, scaling: dict | None = None):
+    def __init__(self, head_dim: int, max_position: int, base: float, scaling: dict | None, pointwise):
         super().__init__()
+        self.pointwise = pointwise
         inv_freq = rope_inv_freq(head_dim, base, scaling or {})  # [head_dim // 2]
         # Same float32 arithmetic as HF: positions * inv_freq, then cos / sin.
         freqs = torch.arange(max_position, dtype=torch.float)[:, None] * inv_freq  # [max_position, head_dim // 2]
@@ -31,35 +29,7 @@ class RotaryEmbedding(nn.Module):
         q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
         k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.use_triton:
-            from ember.ops.triton_rotary import rotary
-
-            return rotary(positions, q, k, self.cos_cache, self.sin_cache)
-        if self.use_c_kernels and _heads_contiguous(q) and _heads_contiguous(k):
-            positions = positions.contiguous()
-            cpu_kernels.rotary_(q, positions, self.cos_cache, self.sin_cache)  # in place, as the Triton kernel
-            cpu_kernels.rotary_(k, positions, self.cos_cache, self.sin_cache)
-            return q, k
-        # q and k side by side: one rotation instead of two (a decode step is bound by per-op overhead)
-        num_heads = q.shape[1]
-        qk = _rotate(torch.cat((q, k), dim=1), self.cos_cache[positions].unsqueeze(1), self.sin_cache[positions].unsqueeze(1))
-        return qk[:, :num_heads], qk[:, num_heads:]
-
-
-def _heads_contiguous(x: torch.Tensor) -> bool:  # [num_tokens, num_heads, head_dim], any token stride
-    return x.stride(2) == 1 and x.stride(1) == x.shape[2]
-
-
-def _rotate(
-    x: torch.Tensor,  # [num_tokens, num_heads, head_dim]
-    cos: torch.Tensor,  # [num_tokens, 1, head_dim // 2]
-    sin: torch.Tensor,  # [num_tokens, 1, head_dim // 2]
-) -> torch.Tensor:
-    # HF: x * cat(cos, cos) + rotate_half(x) * cat(sin, sin), with cos/sin cast to x's dtype first.
-    if cos.dtype != x.dtype:
-        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        return self.pointwise.rotary(positions, q, k, self.cos_cache, self.sin_cache)
 
 
 def rope_inv_freq(head_dim: int, base: float, scaling: dict) -> torch.Tensor:  # [head_dim // 2] float32

@@ -8,14 +8,19 @@ import torch
 from torch import nn
 
 from ember.int4_blocks import Int4Blocks
+from typing import TYPE_CHECKING
+
 from ember.layers.activation import SiluAndMul
-from ember.layers.attention import Attention, AttentionMetadata
+from ember.layers.attention import Attention
 from ember.layers.embedding import LMHead, VocabEmbedding
-from ember.layers.linear import Linear, copy_checked
+from ember.layers.linear import Linear
 from ember.layers.norm import RMSNorm
 from ember.layers.rotary import RotaryEmbedding
-from ember.models.llama_fused_decode import decode_step, fuse_layer
-from ember.ops import cpu_kernels
+from ember.weight_copy import copy_checked
+
+if TYPE_CHECKING:  # the runner hands the model its backends; the model only passes them to its layers
+    from ember.backends import Backends
+    from ember.backends.attention_metadata import AttentionMetadata
 
 # fused parameter's module name -> the HF module names it stacks, in order
 PACKED_MODULES = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
@@ -25,7 +30,7 @@ IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 class LlamaAttention(nn.Module):
     def __init__(self, cfg: dict, rotary_emb: RotaryEmbedding, sliding_window: int | None, qkv_bias: bool,
-                 use_qk_norm: bool, dtype: torch.dtype, batch_invariant: bool):
+                 use_qk_norm: bool, dtype: torch.dtype, backends: Backends):
         super().__init__()
         hidden_size = cfg["hidden_size"]
         self.num_heads = cfg["num_attention_heads"]
@@ -34,14 +39,14 @@ class LlamaAttention(nn.Module):
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         o_bias = cfg.get("attention_bias", False)  # Qwen2's q/k/v bias comes without an o_proj bias
-        self.qkv_proj = Linear(hidden_size, [self.q_size, self.kv_size, self.kv_size], qkv_bias, dtype, batch_invariant)
-        self.o_proj = Linear(self.q_size, [hidden_size], o_bias, dtype, batch_invariant)
+        self.qkv_proj = Linear(hidden_size, [self.q_size, self.kv_size, self.kv_size], qkv_bias, dtype, backends.linear)
+        self.o_proj = Linear(self.q_size, [hidden_size], o_bias, dtype, backends.linear)
         self.rotary_emb = rotary_emb  # shared by all layers
         self.q_norm = self.k_norm = None
         if use_qk_norm:  # Qwen3: RMSNorm over each head's vector, before RoPE
-            self.q_norm = RMSNorm(self.head_dim, cfg.get("rms_norm_eps", 1e-6), dtype)
-            self.k_norm = RMSNorm(self.head_dim, cfg.get("rms_norm_eps", 1e-6), dtype)
-        self.attn = Attention(self.head_dim**-0.5, sliding_window, batch_invariant)
+            self.q_norm = RMSNorm(self.head_dim, cfg.get("rms_norm_eps", 1e-6), dtype, backends.pointwise)
+            self.k_norm = RMSNorm(self.head_dim, cfg.get("rms_norm_eps", 1e-6), dtype, backends.pointwise)
+        self.attn = Attention(self.head_dim**-0.5, sliding_window, backends.attention)
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, kv_cache: torch.Tensor,
                 attn_metadata: AttentionMetadata) -> torch.Tensor:
@@ -59,14 +64,14 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, cfg: dict, dtype: torch.dtype, batch_invariant: bool):
+    def __init__(self, cfg: dict, dtype: torch.dtype, backends: Backends):
         super().__init__()
         if cfg.get("hidden_act", "silu") != "silu":
             raise NotImplementedError(f"hidden_act {cfg['hidden_act']!r} is not supported (only silu)")
         hidden_size, intermediate_size, bias = cfg["hidden_size"], cfg["intermediate_size"], cfg.get("mlp_bias", False)
-        self.gate_up_proj = Linear(hidden_size, [intermediate_size] * 2, bias, dtype, batch_invariant)
-        self.down_proj = Linear(intermediate_size, [hidden_size], bias, dtype, batch_invariant)
-        self.act_fn = SiluAndMul()
+        self.gate_up_proj = Linear(hidden_size, [intermediate_size] * 2, bias, dtype, backends.linear)
+        self.down_proj = Linear(intermediate_size, [hidden_size], bias, dtype, backends.linear)
+        self.act_fn = SiluAndMul(backends.pointwise)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [num_tokens, hidden_size]
         return self.down_proj(self.act_fn(self.gate_up_proj(x)))
@@ -74,13 +79,13 @@ class LlamaMLP(nn.Module):
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, cfg: dict, rotary_emb: RotaryEmbedding, sliding_window: int | None, qkv_bias: bool,
-                 use_qk_norm: bool, dtype: torch.dtype, batch_invariant: bool):
+                 use_qk_norm: bool, dtype: torch.dtype, backends: Backends):
         super().__init__()
         eps = cfg.get("rms_norm_eps", 1e-6)
-        self.self_attn = LlamaAttention(cfg, rotary_emb, sliding_window, qkv_bias, use_qk_norm, dtype, batch_invariant)
-        self.mlp = LlamaMLP(cfg, dtype, batch_invariant)
-        self.input_layernorm = RMSNorm(cfg["hidden_size"], eps, dtype)
-        self.post_attention_layernorm = RMSNorm(cfg["hidden_size"], eps, dtype)
+        self.self_attn = LlamaAttention(cfg, rotary_emb, sliding_window, qkv_bias, use_qk_norm, dtype, backends)
+        self.mlp = LlamaMLP(cfg, dtype, backends)
+        self.input_layernorm = RMSNorm(cfg["hidden_size"], eps, dtype, backends.pointwise)
+        self.post_attention_layernorm = RMSNorm(cfg["hidden_size"], eps, dtype, backends.pointwise)
 
     def forward(self, positions, hidden_states, residual, kv_cache, attn_metadata):
         # The residual add is fused into the next norm: (hidden, residual) flow between layers.
@@ -94,41 +99,36 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: dict, qkv_bias: bool, use_qk_norm: bool, dtype: torch.dtype, batch_invariant: bool):
+    def __init__(self, cfg: dict, qkv_bias: bool, use_qk_norm: bool, dtype: torch.dtype, backends: Backends):
         super().__init__()
         num_layers = cfg["num_hidden_layers"]
         head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
         base, scaling = _rope_params(cfg)
-        rotary_emb = RotaryEmbedding(head_dim, cfg["max_position_embeddings"], base, scaling)
+        rotary_emb = RotaryEmbedding(head_dim, cfg["max_position_embeddings"], base, scaling, backends.pointwise)
         self.embed_tokens = VocabEmbedding(cfg["vocab_size"], cfg["hidden_size"], dtype)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(cfg, rotary_emb, window, qkv_bias, use_qk_norm, dtype, batch_invariant)
+            LlamaDecoderLayer(cfg, rotary_emb, window, qkv_bias, use_qk_norm, dtype, backends)
             for window in _sliding_windows(cfg, num_layers)
         )
-        self.norm = RMSNorm(cfg["hidden_size"], cfg.get("rms_norm_eps", 1e-6), dtype)
-        self.fused_layers = None  # the layers as C calls for decode steps (fuse_decode_layers), if they qualify
+        self.norm = RMSNorm(cfg["hidden_size"], cfg.get("rms_norm_eps", 1e-6), dtype, backends.pointwise)
+        self.fused_decode = backends.fused_decode  # the fused decode path of the backend, if it has one
+        self.fused_layers = None  # set by process_weights_after_loading when every layer qualifies
+
+    def process_weights_after_loading(self) -> None:
+        if self.fused_decode is not None:
+            self.fused_layers = self.fused_decode.fuse(self.layers)
 
     def forward(self, input_ids, positions, kv_caches, attn_metadata) -> torch.Tensor:
-        hidden_states, residual = self.embed_tokens(input_ids), None  # [num_tokens, hidden_size]
-        fused = self.fused_layers and decode_step(positions, attn_metadata, kv_caches[0].shape[2], input_ids.shape[0])
+        hidden_states = self.embed_tokens(input_ids)  # [num_tokens, hidden_size]
+        fused = self.fused_layers and self.fused_layers.forward(positions, attn_metadata, kv_caches, hidden_states)
         if fused:
-            step, _ = fused  # (the second item keeps the step's tensors alive)
-            step.kv_f16 = cpu_kernels.is_half(kv_caches[0])
-            for layer, kv_cache in zip(self.fused_layers, kv_caches, strict=True):
-                step.k_cache, step.v_cache = kv_cache[0].data_ptr(), kv_cache[1].data_ptr()
-                hidden_states, residual = cpu_kernels.decoder_layer(layer, step, hidden_states, residual)
+            hidden_states, residual = fused
         else:
+            residual = None
             for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
                 hidden_states, residual = layer(positions, hidden_states, residual, kv_cache, attn_metadata)
         hidden_states, _ = self.norm(hidden_states, residual)
         return hidden_states
-
-    def fuse_decode_layers(self) -> bool:
-        """After quantization, with the C kernels on: decode steps run each layer as one C call. False (and
-        nothing changes) unless every layer qualifies (see models/llama_fused_decode.py)."""
-        fused = [fuse_layer(layer) for layer in self.layers]
-        self.fused_layers = fused if all(f is not None for f in fused) else None
-        return self.fused_layers is not None
 
 
 class LlamaForCausalLM(nn.Module):
@@ -136,13 +136,13 @@ class LlamaForCausalLM(nn.Module):
 
     The runner allocates one KV tensor per layer of shape `kv_cache_shape(num_blocks, block_size)` in the
     model dtype; a token costs 2 * num_layers * num_kv_heads * head_dim * itemsize bytes of cache.
-    `batch_invariant` makes every GEMM row independent of the batch size (see ember.ops.linear), at some speed cost.
+    `backends` (ember.backends.select_backends) says how every layer computes.
     """
 
     default_qkv_bias = False  # q/k/v bias when the config has no "attention_bias"
     use_qk_norm = False
 
-    def __init__(self, hf_config: dict, dtype: torch.dtype = torch.float32, batch_invariant: bool = False):
+    def __init__(self, hf_config: dict, dtype: torch.dtype, backends: Backends):
         super().__init__()
         cfg = hf_config
         qkv_bias = cfg.get("attention_bias", self.default_qkv_bias)
@@ -153,12 +153,9 @@ class LlamaForCausalLM(nn.Module):
         self.vocab_size = cfg["vocab_size"]
         self.max_position_embeddings = cfg["max_position_embeddings"]
         self.tie_word_embeddings = cfg.get("tie_word_embeddings", False)
-        self.model = LlamaModel(cfg, qkv_bias, self.use_qk_norm, dtype, batch_invariant)
+        self.model = LlamaModel(cfg, qkv_bias, self.use_qk_norm, dtype, backends)
         tied_to = self.model.embed_tokens if self.tie_word_embeddings else None
-        self.lm_head = LMHead(cfg["hidden_size"], self.vocab_size, dtype, tied_to, batch_invariant)
-
-    def fuse_decode_layers(self) -> bool:
-        return self.model.fuse_decode_layers()
+        self.lm_head = LMHead(cfg["hidden_size"], self.vocab_size, dtype, backends.lm_head, tied_to)
 
     def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
         return (2, num_blocks, block_size, self.num_kv_heads, self.head_dim)  # K at index 0, V at 1

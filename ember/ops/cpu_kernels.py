@@ -1,27 +1,22 @@
-"""Ember's C kernels for the CPU path (`ops/csrc/*.c`): compiled for this CPU on first use, cached, called
-through ctypes on float32 tensors. Without a C compiler (or with EMBER_CPU_KERNELS=0) `kernels()` is None and
-callers keep PyTorch's ops.
+"""Ember's C kernels for the CPU path: the library variant built at install for this CPU (cpu_variants.py),
+loaded through ctypes and registered as torch.library ops, one namespace per variant (torch.ops.ember_avx2, ...),
+whose schemas PyTorch checks on every call; each op also checks the dtypes and shapes its C code relies on.
 
-They are plain C with OpenMP and no PyTorch headers, so a build takes about a second; linked against
-libgomp.so.1, they share the OpenMP runtime PyTorch has already loaded (one thread pool, no oversubscription).
+A `KernelLibrary` is what a backend holds: its methods are the ops. `select_kernels` makes the one choice per
+model load (config `cpu_kernels`: auto | reference | a variant name) and logs it.
 """
+from __future__ import annotations
+
 import ctypes
 import functools
-import hashlib
 import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
 
-log = logging.getLogger(__name__)
+from ember.ops.cpu_variants import BY_NAME, LIBRARY_DIR, VARIANTS, Variant, best_variant, cpu_flags, runnable
 
-SOURCES = ("qlinear.c", "qlinear_i8.c", "pointwise.c", "attention.c", "prefill_attention.c", "decode_layer.c")
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC"]
+log = logging.getLogger(__name__)
 
 _P, _I64, _INT, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 SIGNATURES = {
@@ -38,184 +33,291 @@ SIGNATURES = {
                           _INT],
     "decoder_layer": [_P, _P, _P, _P, _P, _P, _INT],
 }
+OPTIONAL_SIGNATURES = {"q8_0_i8_linear": [_P, _I64, _I64, _P, _P, _I64, _P, _INT]}
+
+SCHEMAS = {
+    "q4_linear": "q4_linear(Tensor x, Tensor qs, Tensor d, Tensor m, bool int8_activations, int num_threads) -> Tensor",
+    "q8_linear": "q8_linear(Tensor x, Tensor qs, Tensor scale, bool int8_activations, int num_threads) -> Tensor",
+    "q8_0_linear": "q8_0_linear(Tensor x, Tensor qs, Tensor d, int num_threads) -> Tensor",
+    "rms_norm": "rms_norm(Tensor x, Tensor weight, float eps, int num_threads) -> Tensor",
+    "add_rms_norm": "add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps, int num_threads) -> (Tensor, Tensor)",
+    "silu_and_mul": "silu_and_mul(Tensor x, int num_threads) -> Tensor",
+    "rotary_": "rotary_(Tensor(a!) x, Tensor positions, Tensor cos_cache, Tensor sin_cache) -> ()",
+    "paged_attention": (
+        "paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seq_ids, Tensor query_start_loc, "
+        "Tensor seq_lens, Tensor block_table, float scale, int sliding_window, bool long_queries, Tensor(a!) out, "
+        "int num_threads) -> ()"),
+    "decoder_layer": ("decoder_layer(int layer, int step, Tensor hidden, Tensor? residual, int num_threads) "
+                      "-> (Tensor, Tensor)"),
+}
 
 # Queries per sequence up to which the short-query attention kernel serves (decode, speculative
 # verification: attention.c); longer ones (prefill chunks) go to the tiled one (prefill_attention.c).
 ATTENTION_MAX_QUERY = 16
+KERNEL_COLUMN_GROUP = 16  # the matmuls store weights in groups of 16 output columns (qlinear.c)
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ember" / "kernels"
+def built_variants(lib_dir: Path = LIBRARY_DIR) -> set[str]:
+    return {v.name for v in VARIANTS if (lib_dir / v.file_name).exists()}
 
 
-def _cpu_id() -> str:
-    """What -march=native depends on: the CPU model and its feature flags."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return platform.processor()
-    return "\n".join(sorted({line for line in lines if line.startswith(("model name", "flags"))}))
-
-
-def build(compiler: str, flags: list[str] = FLAGS) -> Path:
-    """The shared library for these sources, flags and CPU: from the cache, or compiled into it."""
-    src_dir = Path(__file__).parent / "csrc"
-    sources = [src_dir / name for name in SOURCES]
-    key = hashlib.sha256()
-    for part in [compiler, *flags, _cpu_id(), *(s.read_text() for s in sorted(src_dir.glob("*.[ch]")))]:
-        key.update(part.encode())
-    target = cache_dir() / f"ember_cpu_{key.hexdigest()[:16]}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    log.info("compiling Ember's CPU kernels into %s", target)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        out = Path(tmp) / target.name
-        libs = ["-lmvec", "-lm"] if platform.machine() == "x86_64" else ["-lm"]  # libmvec: vector expf (vector_math.h)
-        subprocess.run([compiler, *flags, *map(str, sources), "-o", str(out), *libs], check=True,
-                       capture_output=True, text=True)
-        os.replace(out, target)  # atomic: concurrent first runs each publish a whole file
-    return target
+def select_kernels(requested: str = "auto", flags: frozenset[str] | None = None,
+                   built: set[str] | None = None) -> KernelLibrary | None:
+    """The kernel library for `requested` (auto: the best built variant this CPU runs), or None for the reference
+    PyTorch ops. auto without a usable variant warns; a named variant that is unknown, not built or beyond this
+    CPU is a ValueError that lists what there is."""
+    if requested == "reference":
+        log.info("CPU kernels: reference PyTorch ops (cpu_kernels=reference)")
+        return None
+    flags = cpu_flags() if flags is None else flags
+    built = built_variants() if built is None else built
+    if requested == "auto":
+        variant = best_variant(flags, built)
+        if variant is None:
+            log.warning("CPU kernels: none of Ember's kernel libraries is built for this CPU (built: %s; "
+                        "reinstall with a C compiler: make install); running on the reference PyTorch ops, "
+                        "several times slower", ", ".join(sorted(built)) or "none")
+            return None
+    else:
+        variant = BY_NAME.get(requested)
+        if variant is None:
+            raise ValueError(f"cpu_kernels {requested!r} is not a variant; choose auto, reference or one of "
+                             f"{', '.join(BY_NAME)}")
+        if variant.name not in built:
+            raise ValueError(f"cpu_kernels {requested!r} was not built at install; built: "
+                             f"{', '.join(sorted(built)) or 'none'}")
+        if not runnable(variant, flags):
+            missing = " ".join(sorted(variant.cpu_flags - flags))
+            raise ValueError(f"cpu_kernels {requested!r} needs CPU features this CPU lacks: {missing}")
+    library = load_library(variant.name)
+    log.info("CPU kernels: %s (%s), %s", variant.name, variant.description, library.path)
+    return library
 
 
 @functools.cache
-def kernels() -> ctypes.CDLL | None:
-    """The loaded library, or None where it cannot be built here (the torch ops are used instead)."""
-    if os.environ.get("EMBER_CPU_KERNELS", "1") == "0":
-        return None
-    return load()
+def load_library(name: str, lib_dir: Path = LIBRARY_DIR) -> KernelLibrary:
+    """The variant's library, loaded once per process and registered as torch.ops.ember_<name>."""
+    return KernelLibrary(BY_NAME[name], lib_dir / BY_NAME[name].file_name)
 
 
-def load(flags: list[str] = FLAGS) -> ctypes.CDLL | None:
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None or platform.system() != "Linux":
-        log.info("no C compiler found: Ember's CPU kernels are off (PyTorch ops are used)")
-        return None
-    try:
-        lib = ctypes.CDLL(str(build(compiler, flags)))
-    except (OSError, subprocess.CalledProcessError) as exc:
-        detail = getattr(exc, "stderr", "") or exc
-        log.warning("Ember's CPU kernels could not be built (%s); PyTorch ops are used", str(detail).strip()[:500])
-        return None
-    for name, argtypes in SIGNATURES.items():
-        getattr(lib, name).argtypes = argtypes
-        getattr(lib, name).restype = None
-    lib.q4_i8_supported.argtypes, lib.q4_i8_supported.restype = [], _INT
-    return lib
+def _f32(name: str, t: torch.Tensor, dim: int | None = None) -> None:
+    if not (t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() and (dim is None or t.dim() == dim)):
+        raise ValueError(f"{name}: expected a contiguous float32 CPU tensor{'' if dim is None else f' of {dim} dims'}, got "
+           f"{t.dtype} {tuple(t.shape)} on {t.device}")
 
 
-def int8_activations_supported() -> bool:
-    """qlinear_i8.c's matmul is built here (the CPU has AVX512-VNNI)."""
-    return kernels() is not None and bool(kernels().q4_i8_supported())
+def _i64(name: str, t: torch.Tensor) -> None:
+    if not (t.dtype == torch.long and t.is_contiguous()):
+        raise ValueError(f"{name}: expected a contiguous int64 tensor, got {t.dtype}")
 
 
-def usable(*tensors: torch.Tensor) -> bool:
-    """The kernels apply: float32 CPU tensors (contiguous rows), and the library is built."""
-    return all(t.dtype == torch.float32 and t.device.type == "cpu" and t.stride(-1) == 1 for t in tensors) and (
-        kernels() is not None)
+class KernelLibrary:
+    """One loaded variant. Its methods are the ops; each takes float32 CPU tensors (see the schemas)."""
+
+    def __init__(self, variant: Variant, path: Path):
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: Ember's {variant.name} kernel library is not built")
+        self.variant, self.path = variant, path
+        self._lib = lib = ctypes.CDLL(str(path))
+        for name, argtypes in SIGNATURES.items():
+            getattr(lib, name).argtypes, getattr(lib, name).restype = argtypes, None
+        for name, argtypes in OPTIONAL_SIGNATURES.items():
+            if hasattr(lib, name):
+                getattr(lib, name).argtypes, getattr(lib, name).restype = argtypes, None
+        lib.q4_i8_supported.argtypes, lib.q4_i8_supported.restype = [], _INT
+        self.int8_activations = bool(lib.q4_i8_supported())  # int8-activation matmuls are vectorised here
+        self.has_q8_0 = hasattr(lib, "q8_0_i8_linear") and self.int8_activations
+        self._check_abi()
+        self.namespace = f"ember_{variant.name}"
+        self._registration = torch.library.Library(self.namespace, "DEF")
+        for op, schema in SCHEMAS.items():
+            self._registration.define(schema)
+            self._registration.impl(op, getattr(self, f"_{op.rstrip('_')}"), "CPU")
+        self.ops = getattr(torch.ops, self.namespace)
+
+    def _check_abi(self) -> None:
+        """decode_layer.c's structs against their ctypes mirrors, and the ISA the library says it was built for."""
+        lib = self._lib
+        if hasattr(lib, "ember_isa"):
+            lib.ember_isa.restype = ctypes.c_char_p
+            isa = lib.ember_isa().decode()
+            if isa != self.variant.name:
+                raise ImportError(f"{self.path}: built for {isa}, expected {self.variant.name}")
+        if hasattr(lib, "ember_struct_sizes"):
+            sizes = (ctypes.c_int64 * 3)()
+            lib.ember_struct_sizes(sizes)
+            mirrors = (Q4Linear, DecoderLayer, DecodeStep)
+            if list(sizes) != [ctypes.sizeof(m) for m in mirrors]:
+                raise ImportError(f"{self.path}: struct sizes {list(sizes)} differ from cpu_kernels.py's mirrors "
+                                  f"{[ctypes.sizeof(m) for m in mirrors]}: rebuild (make install)")
+
+    # ---------------------------------------------------------------- the ops, as callers use them
+    def q4_linear(self, x, qs, d, m, int8_activations: bool) -> torch.Tensor:
+        """x [M, K] float32 times a 4-bit weight in qlinear.c's layout (qs [N/16, K/32, 16, 16] uint8; with
+        int8_activations qlinear_i8.c's [N/16, K/32, 4, 16, 4]; d and m [N/16, K/32, 16] float32) -> [M, N]."""
+        return self.ops.q4_linear(x, qs, d, m, int8_activations, torch.get_num_threads())
+
+    def q8_linear(self, x, qs, scale, int8_activations: bool) -> torch.Tensor:
+        """x [M, K] times a per-column int8 weight (qs [N/16, K, 16] int8; with int8_activations [N/16, K/4, 16, 4]
+        uint8 holding q + 128), scale [N] -> [M, N]."""
+        return self.ops.q8_linear(x, qs, scale, int8_activations, torch.get_num_threads())
+
+    def q8_0_linear(self, x, qs, d) -> torch.Tensor:
+        """x [M, K] times a GGUF Q8_0 weight in qlinear_q8_0.c's layout, x rounded to int8 per block of 32."""
+        return self.ops.q8_0_linear(x, qs, d, torch.get_num_threads())
+
+    def rms_norm(self, x, residual, weight, eps: float):
+        """RMSNorm(x), or with a residual (RMSNorm(x + residual), x + residual), over the last dim."""
+        if residual is None:
+            return self.ops.rms_norm(x, weight, eps, torch.get_num_threads())
+        return self.ops.add_rms_norm(x, residual, weight, eps, torch.get_num_threads())
+
+    def silu_and_mul(self, x) -> torch.Tensor:  # [M, 2d] -> [M, d]
+        return self.ops.silu_and_mul(x, torch.get_num_threads())
+
+    def rotary_(self, x, positions, cos_cache, sin_cache) -> None:
+        """Rotates x [num_tokens, num_heads, head_dim] (heads contiguous within a token) in place."""
+        self.ops.rotary_(x, positions, cos_cache, sin_cache)
+
+    def paged_attention(self, q, k_cache, v_cache, seq_ids, query_start_loc, seq_lens, block_table, scale: float,
+                        sliding_window: int | None, out, long_queries: bool = False) -> None:
+        """Attention of the sequences `seq_ids` over their cached context into their rows of `out`; long_queries:
+        the tiled kernel for prefill chunks (prefill_attention.c)."""
+        self.ops.paged_attention(q, k_cache, v_cache, seq_ids, query_start_loc, seq_lens, block_table, scale,
+                                 sliding_window or 0, long_queries, out, torch.get_num_threads())
+
+    def decoder_layer(self, layer: DecoderLayer, step: DecodeStep, hidden, residual):
+        """(hidden_out, residual_out) of one decoder layer (decode_layer.c); hidden [T, H] float32 contiguous."""
+        return self.ops.decoder_layer(ctypes.addressof(layer), ctypes.addressof(step), hidden, residual,
+                                      torch.get_num_threads())
+
+    # ---------------------------------------------------------------- torch.library implementations
+    def _q4_linear(self, x, qs, d, m, int8_activations, num_threads):
+        _f32("x", x, 2)
+        num_rows, in_features = x.shape
+        if not (qs.dtype == torch.uint8 and qs.is_contiguous() and qs.dim() == (5 if int8_activations else 4)
+                and qs.shape[1] * 32 == in_features and d.shape == m.shape == qs.shape[:2] + (16,)):
+            raise ValueError(f"q4_linear: weight {tuple(qs.shape)} {qs.dtype} does not fit x {tuple(x.shape)}")
+        _f32("d", d), _f32("m", m)
+        if not (not int8_activations or self.int8_activations):
+            raise ValueError(f"{self.variant.name}: no int8-activation kernels")
+        out = x.new_empty(num_rows, qs.shape[0] * 16)
+        kernel = self._lib.q4_i8_linear if int8_activations else self._lib.q4_linear
+        kernel(x.data_ptr(), num_rows, in_features, qs.data_ptr(), d.data_ptr(), m.data_ptr(), out.shape[1],
+               out.data_ptr(), num_threads)
+        return out
+
+    def _q8_linear(self, x, qs, scale, int8_activations, num_threads):
+        _f32("x", x, 2)
+        num_rows, in_features = x.shape
+        if int8_activations:
+            fits = qs.dtype == torch.uint8 and qs.dim() == 4 and qs.shape[1] * 4 == in_features and in_features % 32 == 0
+        else:
+            fits = qs.dtype == torch.int8 and qs.dim() == 3 and qs.shape[1] == in_features
+        if not (fits and qs.is_contiguous() and scale.shape == (qs.shape[0] * 16,)):
+            raise ValueError(f"q8_linear: weight {tuple(qs.shape)} {qs.dtype} does not fit x {tuple(x.shape)}")
+        _f32("scale", scale)
+        if not (not int8_activations or self.int8_activations):
+            raise ValueError(f"{self.variant.name}: no int8-activation kernels")
+        out = x.new_empty(num_rows, qs.shape[0] * 16)
+        kernel = self._lib.q8_i8_linear if int8_activations else self._lib.q8_linear
+        kernel(x.data_ptr(), num_rows, in_features, qs.data_ptr(), scale.data_ptr(), out.shape[1], out.data_ptr(),
+               num_threads)
+        return out
+
+    def _q8_0_linear(self, x, qs, d, num_threads):
+        _f32("x", x, 2)
+        if not (self.has_q8_0):
+            raise ValueError(f"{self.variant.name}: no Q8_0 kernel")
+        num_rows, in_features = x.shape
+        if not (qs.dtype == torch.uint8 and qs.is_contiguous() and qs.shape[1] * 32 == in_features
+               and d.shape == qs.shape[:2] + (16,)):
+            raise ValueError(f"q8_0_linear: weight {tuple(qs.shape)} does not fit x {tuple(x.shape)}")
+        _f32("d", d)
+        out = x.new_empty(num_rows, qs.shape[0] * 16)
+        self._lib.q8_0_i8_linear(x.data_ptr(), num_rows, in_features, qs.data_ptr(), d.data_ptr(), out.shape[1],
+                                 out.data_ptr(), num_threads)
+        return out
+
+    def _norm_rows(self, x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+        """x with one fixed row stride (unit inner stride), and that stride and the row count."""
+        if not (x.dtype == torch.float32 and x.stride(-1) == 1 and x.shape[-1] == weight.shape[0]):
+            raise ValueError(f"rms_norm: x {x.dtype} {tuple(x.shape)} against weight {tuple(weight.shape)}")
+        _f32("weight", weight, 1)
+        hidden = x.shape[-1]
+        row_stride = x.stride(-2) if x.dim() > 1 else hidden
+        if x.dim() > 2 and x.stride(-3) != row_stride * x.shape[-2]:  # not one fixed row stride: pack it
+            x, row_stride = x.contiguous(), hidden
+        return x, row_stride, x.numel() // hidden
+
+    def _rms_norm(self, x, weight, eps, num_threads):
+        x, row_stride, rows = self._norm_rows(x, weight)
+        out = torch.empty(x.shape, dtype=x.dtype)
+        self._lib.rms_norm(x.data_ptr(), row_stride, None, None, weight.data_ptr(), out.data_ptr(), rows,
+                           x.shape[-1], eps, num_threads)
+        return out
+
+    def _add_rms_norm(self, x, residual, weight, eps, num_threads):
+        x, row_stride, rows = self._norm_rows(x, weight)
+        residual = residual.contiguous()
+        if not (residual.dtype == torch.float32 and residual.shape == x.shape):
+            raise ValueError("add_rms_norm: residual's shape")
+        out, residual_out = torch.empty(x.shape, dtype=x.dtype), torch.empty(x.shape, dtype=x.dtype)
+        self._lib.rms_norm(x.data_ptr(), row_stride, residual.data_ptr(), residual_out.data_ptr(), weight.data_ptr(),
+                           out.data_ptr(), rows, x.shape[-1], eps, num_threads)
+        return out, residual_out
+
+    def _silu_and_mul(self, x, num_threads):
+        _f32("x", x, 2)
+        rows, width = x.shape
+        out = x.new_empty(rows, width // 2)
+        self._lib.silu_and_mul(x.data_ptr(), out.data_ptr(), rows, width // 2, num_threads)
+        return out
+
+    def _rotary(self, x, positions, cos_cache, sin_cache):
+        num_tokens, num_heads, head_dim = x.shape
+        if not (x.dtype == torch.float32 and x.stride(2) == 1 and x.stride(1) == head_dim):
+            raise ValueError("rotary_: x must be float32 with contiguous heads")
+        _i64("positions", positions)
+        if not (positions.shape == (num_tokens,)):
+            raise ValueError("rotary_: one position per token")
+        _f32("cos_cache", cos_cache, 2), _f32("sin_cache", sin_cache, 2)
+        if not (cos_cache.shape[1] * 2 == head_dim and sin_cache.shape == cos_cache.shape):
+            raise ValueError("rotary_: cache width")
+        self._lib.rotary(x.data_ptr(), x.stride(0), num_tokens, num_heads, head_dim, positions.data_ptr(),
+                         cos_cache.data_ptr(), sin_cache.data_ptr())
+
+    def _paged_attention(self, q, k_cache, v_cache, seq_ids, query_start_loc, seq_lens, block_table, scale,
+                         sliding_window, long_queries, out, num_threads):
+        num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
+        if not (q.dtype == torch.float32 and q.stride(2) == 1 and q.stride(1) == head_dim and q.shape[2] == head_dim):
+            raise ValueError("paged_attention: q must be float32 [tokens, heads, head_dim] with contiguous heads")
+        if not (k_cache.dtype in (torch.float16, torch.float32) and k_cache.is_contiguous() and v_cache.is_contiguous()
+               and v_cache.shape == k_cache.shape and v_cache.dtype == k_cache.dtype):
+            raise ValueError("paged_attention: KV cache")
+        _f32("out", out)
+        if not (out.shape == q.shape):
+            raise ValueError("paged_attention: out's shape")
+        for name, t in (("seq_ids", seq_ids), ("query_start_loc", query_start_loc), ("seq_lens", seq_lens),
+                        ("block_table", block_table)):
+            _i64(name, t)
+        kernel = self._lib.prefill_attention if long_queries else self._lib.paged_attention
+        kernel(q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), int(k_cache.dtype == torch.float16),
+               block_size, q.shape[1], num_kv_heads, head_dim, seq_ids.data_ptr(), seq_ids.numel(),
+               query_start_loc.data_ptr(), seq_lens.data_ptr(), block_table.data_ptr(), block_table.shape[1], scale,
+               sliding_window, out.data_ptr(), num_threads)
+
+    def _decoder_layer(self, layer, step, hidden, residual, num_threads):
+        _f32("hidden", hidden, 2)
+        if not (residual is None or (residual.shape == hidden.shape and residual.is_contiguous())):
+            raise ValueError("decoder_layer: residual")
+        hidden_out, residual_out = torch.empty_like(hidden), torch.empty_like(hidden)
+        self._lib.decoder_layer(layer, step, hidden.data_ptr(), None if residual is None else residual.data_ptr(),
+                                hidden_out.data_ptr(), residual_out.data_ptr(), num_threads)
+        return hidden_out, residual_out
 
 
-def q4_linear(x: torch.Tensor, qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """x [M, K] float32 (contiguous) times a 4-bit weight in qlinear.c's layout (qs [N/16, K/32, 16, 16] uint8,
-    d and m [N/16, K/32, 16] float32) -> [M, N]."""
-    return _q4_matmul(kernels().q4_linear, x, qs, d, m)
-
-
-def q4_i8_linear(x: torch.Tensor, qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """As q4_linear, with x rounded to int8 per block of 32 inputs and qs in qlinear_i8.c's layout
-    ([N/16, K/32, 4, 16, 4] uint8)."""
-    return _q4_matmul(kernels().q4_i8_linear, x, qs, d, m)
-
-
-def _q4_matmul(kernel, x: torch.Tensor, qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    num_rows, in_features = x.shape
-    out_features = qs.shape[0] * 16
-    out = x.new_empty(num_rows, out_features)
-    kernel(x.data_ptr(), num_rows, in_features, qs.data_ptr(), d.data_ptr(), m.data_ptr(), out_features,
-           out.data_ptr(), torch.get_num_threads())
-    return out
-
-
-def q8_linear(x: torch.Tensor, qs: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x [M, K] float32 (contiguous) times an int8 weight in qlinear.c's layout (qs [N/16, K, 16], a float32
-    scale per output column [N]) -> [M, N]."""
-    return _q8_matmul(kernels().q8_linear, x, qs, scale)
-
-
-def q8_i8_linear(x: torch.Tensor, qs: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """As q8_linear, with x rounded to int8 per block of 32 inputs and qs in qlinear_i8.c's layout
-    ([N/16, K/4, 16, 4] uint8: q + 128)."""
-    return _q8_matmul(kernels().q8_i8_linear, x, qs, scale)
-
-
-def _q8_matmul(kernel, x: torch.Tensor, qs: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    num_rows, in_features = x.shape
-    out = x.new_empty(num_rows, qs.shape[0] * 16)
-    kernel(x.data_ptr(), num_rows, in_features, qs.data_ptr(), scale.data_ptr(), qs.shape[0] * 16, out.data_ptr(),
-           torch.get_num_threads())
-    return out
-
-
-def rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float):
-    """RMSNorm(x) or (RMSNorm(x + residual), x + residual) over the last dim; rows of x may be strided
-    (x [..., H] with unit inner stride and rows at a fixed stride), residual contiguous."""
-    hidden = x.shape[-1]
-    rows = x.numel() // hidden
-    row_stride = x.stride(-2) if x.dim() > 1 else hidden
-    if x.dim() > 2 and x.stride(-3) != row_stride * x.shape[-2]:  # not one fixed row stride: pack it
-        x = x.contiguous()
-        row_stride = hidden
-    out = torch.empty(x.shape, dtype=x.dtype)
-    residual_out = None if residual is None else torch.empty(x.shape, dtype=x.dtype)
-    kernels().rms_norm(x.data_ptr(), row_stride, None if residual is None else residual.data_ptr(),
-                       None if residual_out is None else residual_out.data_ptr(), weight.data_ptr(), out.data_ptr(),
-                       rows, hidden, eps, torch.get_num_threads())
-    return out if residual is None else (out, residual_out)
-
-
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:  # [M, 2d] contiguous -> [M, d]
-    rows, width = x.shape
-    out = x.new_empty(rows, width // 2)
-    kernels().silu_and_mul(x.data_ptr(), out.data_ptr(), rows, width // 2, torch.get_num_threads())
-    return out
-
-
-def rotary_(x: torch.Tensor, positions: torch.Tensor, cos_cache: torch.Tensor, sin_cache: torch.Tensor) -> None:
-    """Rotates x [num_tokens, num_heads, head_dim] (heads contiguous within a token) in place."""
-    num_tokens, num_heads, head_dim = x.shape
-    kernels().rotary(x.data_ptr(), x.stride(0), num_tokens, num_heads, head_dim, positions.data_ptr(),
-                     cos_cache.data_ptr(), sin_cache.data_ptr())
-
-
-def paged_attention(
-    q: torch.Tensor,  # [num_tokens, num_heads, head_dim], heads contiguous within a token
-    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim] contiguous, float32 or float16
-    v_cache: torch.Tensor,
-    seq_ids: torch.Tensor,  # [n] int64: the sequences to attend (their rows of `out` are written)
-    query_start_loc: torch.Tensor,  # [num_seqs + 1] int64
-    seq_lens: torch.Tensor,  # [num_seqs] int64
-    block_table: torch.Tensor,  # [num_seqs, max_blocks] int64
-    scale: float,
-    sliding_window: int | None,
-    out: torch.Tensor,  # [num_tokens, num_heads, head_dim] contiguous
-    long_queries: bool = False,  # the tiled kernel for prefill chunks (prefill_attention.c)
-) -> None:
-    num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
-    kernel = kernels().prefill_attention if long_queries else kernels().paged_attention
-    kernel(
-        q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), is_half(k_cache), block_size, q.shape[1],
-        num_kv_heads, head_dim, seq_ids.data_ptr(), seq_ids.numel(), query_start_loc.data_ptr(), seq_lens.data_ptr(),
-        block_table.data_ptr(), block_table.shape[1], scale, sliding_window or 0, out.data_ptr(),
-        torch.get_num_threads())
-
-
-def is_half(cache: torch.Tensor) -> int:
-    """The kernels' kv_f16 flag: 1 for a float16 cache, 0 for float32."""
-    assert cache.dtype in (torch.float16, torch.float32), f"a {cache.dtype} KV cache"
-    return int(cache.dtype == torch.float16)
-
-
-# decode_layer.c's structs, field for field
+# decode_layer.c's structs, field for field (checked against the library's own sizes at load)
 class Q4Linear(ctypes.Structure):
     _fields_ = [("qs", _P), ("d", _P), ("m", _P), ("bias", _P), ("out_features", _I64), ("in_features", _I64),
                 ("int8_activations", _I64)]
@@ -235,10 +337,16 @@ class DecodeStep(ctypes.Structure):
                 ("block_table", _P), ("num_seqs", _I64), ("max_blocks", _I64)]
 
 
-def decoder_layer(layer: DecoderLayer, step: DecodeStep, hidden: torch.Tensor, residual: torch.Tensor | None):
-    """(hidden_out, residual_out) of one decoder layer; hidden [T, H] float32 contiguous."""
-    hidden_out, residual_out = torch.empty_like(hidden), torch.empty_like(hidden)
-    kernels().decoder_layer(ctypes.byref(layer), ctypes.byref(step), hidden.data_ptr(),
-                            None if residual is None else residual.data_ptr(), hidden_out.data_ptr(),
-                            residual_out.data_ptr(), torch.get_num_threads())
-    return hidden_out, residual_out
+def describe_install() -> str:
+    """One line for `make install`: the variants built and the one this CPU gets."""
+    built = built_variants()
+    if not built:
+        return ("ember: no CPU kernel library was built (no C compiler? install gcc and run make install again); "
+                "Ember will run on its reference PyTorch ops, several times slower")
+    chosen = best_variant(cpu_flags(), built)
+    return (f"ember: CPU kernels built: {', '.join(v.name for v in VARIANTS if v.name in built)}; this CPU runs "
+            f"{chosen.name if chosen else 'none of them (the reference PyTorch ops)'}")
+
+
+if __name__ == "__main__":
+    print(describe_install())

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from ember.int4_blocks import Int4Blocks
-from ember.ops import cpu_kernels
+from ember.ops.cpu_kernels import KERNEL_COLUMN_GROUP, KernelLibrary
 
 # Every GEMM of the batch-invariant path sees exactly this many rows. BLAS (MKL/oneDNN on CPU) picks its
 # kernel, and so its summation order, by the number of rows; at a fixed row count a row's result was found
@@ -39,9 +39,6 @@ TORCH_QUANTIZED_MAX_ROWS = 8
 INT4_GROUP_SIZE = 32  # GGUF's block size: a Q4_0 / Q4_1 block is one group
 
 
-KERNEL_COLUMN_GROUP = 16  # the C kernels store the weight in groups of 16 output columns (qlinear.c)
-
-
 def _padded_rows(t: torch.Tensor, multiple: int) -> torch.Tensor:
     """t with zero rows appended up to a multiple of `multiple` rows."""
     pad = -t.shape[0] % multiple
@@ -63,15 +60,18 @@ class Int4Weight:
     `torch.ops.aten._weight_int4pack_mm_for_cpu`, which computes (q - 8) * scale + zero: scale = d,
     zero = m + 8d, in bfloat16.
 
-    `int8_activations` (where the CPU has AVX512-VNNI): the C kernel of qlinear_i8.c, which rounds x to int8
-    per block of 32 inputs (as llama.cpp does) and runs ~2x faster; qs is then in that kernel's layout.
+    `kernels`: the C kernel library (None: PyTorch's kernels). `int8_activations` (where that library has them):
+    the kernel of qlinear_i8.c, which rounds x to int8 per block of 32 inputs (as llama.cpp does) and runs ~2x
+    faster; qs is then in that kernel's layout.
     """
 
-    def __init__(self, weight: torch.Tensor, int8_activations: bool = False):  # weight [out_features, in_features]
+    def __init__(self, weight: torch.Tensor, kernels: KernelLibrary | None,
+                 int8_activations: bool = False):  # weight [out_features, in_features]
         out_features, in_features = weight.shape
         self.out_features, self.in_features = out_features, in_features
-        self.use_kernel = cpu_kernels.usable(weight)
-        self.int8_activations = self.use_kernel and int8_activations and cpu_kernels.int8_activations_supported()
+        self.kernels = kernels if usable(kernels, weight) else None
+        self.use_kernel = self.kernels is not None
+        self.int8_activations = self.use_kernel and int8_activations and kernels.int8_activations
         if self.use_kernel:
             weight = _padded_rows(weight, KERNEL_COLUMN_GROUP)
         rows = weight.shape[0]
@@ -92,13 +92,12 @@ class Int4Weight:
         self.scales_and_zeros = scales_and_zeros.contiguous().to(torch.bfloat16)
 
     @classmethod
-    def from_blocks(cls, blocks: Int4Blocks, int8_activations: bool = False) -> "Int4Weight":
-        """The C kernel's copy of a GGUF Q4_0 / Q4_1 weight: the file's bytes reshuffled, nothing rounded (the
-        caller has checked that the kernels are built)."""
+    def from_blocks(cls, blocks: Int4Blocks, kernels: KernelLibrary, int8_activations: bool = False) -> "Int4Weight":
+        """The C kernel's copy of a GGUF Q4_0 / Q4_1 weight: the file's bytes reshuffled, nothing rounded."""
         self = cls.__new__(cls)
         self.out_features, self.in_features = blocks.shape
-        self.use_kernel, self.max_rows = True, None
-        self.int8_activations = int8_activations and cpu_kernels.int8_activations_supported()
+        self.kernels, self.use_kernel, self.max_rows = kernels, True, None
+        self.int8_activations = int8_activations and kernels.int8_activations
         self._store_for_kernel(*(_padded_rows(t, KERNEL_COLUMN_GROUP) for t in (blocks.qs, blocks.d, blocks.m)))
         return self
 
@@ -114,8 +113,7 @@ class Int4Weight:
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:  # [num_tokens, out], x's dtype
         if self.use_kernel:  # a float32 weight, so a float32 model
-            matmul = cpu_kernels.q4_i8_linear if self.int8_activations else cpu_kernels.q4_linear
-            out = matmul(x.contiguous(), self.qs, self.d, self.m)
+            out = self.kernels.q4_linear(x.contiguous(), self.qs, self.d, self.m, self.int8_activations)
             out = _unpadded(out, self.out_features)
             return out if bias is None else out.add_(bias)
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.packed, INT4_GROUP_SIZE, self.scales_and_zeros)
@@ -138,10 +136,11 @@ class Int8Weight:
     output matrix at 8 or more), for Ember's C kernel (in groups of 16 columns: qlinear.c's layout) or
     `torch.ops.aten._weight_int8pack_mm` (the plain [out, in] matrix, `weight`).
 
-    `int8_activations` (AVX512-VNNI): qlinear_i8.c's kernel, x rounded to int8 per block of 32 inputs as for
-    Int4Weight; qs then holds q + 128 in that kernel's layout."""
+    `int8_activations` (where the library has them): qlinear_i8.c's kernel, x rounded to int8 per block of 32
+    inputs as for Int4Weight; qs then holds q + 128 in that kernel's layout."""
 
-    def __init__(self, weight: torch.Tensor, int8_activations: bool = False):  # [out_features, in_features]
+    def __init__(self, weight: torch.Tensor, kernels: KernelLibrary | None,
+                 int8_activations: bool = False):  # [out_features, in_features]
         self.out_features, self.in_features = weight.shape
         scale = weight.new_empty(self.out_features, dtype=torch.float32)  # [out]
         q = weight.new_empty(weight.shape, dtype=torch.int8)
@@ -152,8 +151,9 @@ class Int8Weight:
             s = (torch.maximum(-w.amin(1), w.amax(1)) / 127).clamp_(min=1e-12)
             scale[start:start + 512] = s
             q[start:start + 512] = w.div(s[:, None]).round_().clamp_(-127, 127)
-        self.use_kernel = cpu_kernels.usable(weight) and weight.shape[1] % 32 == 0
-        self.int8_activations = self.use_kernel and int8_activations and cpu_kernels.int8_activations_supported()
+        self.kernels = kernels if usable(kernels, weight) and weight.shape[1] % 32 == 0 else None
+        self.use_kernel = self.kernels is not None
+        self.int8_activations = self.use_kernel and int8_activations and kernels.int8_activations
         self.max_rows = None if self.use_kernel else TORCH_QUANTIZED_MAX_ROWS  # None: every batch
         if self.int8_activations:  # [N / 16, K / 4, 16 c, 4 i]: 4 inputs of 16 columns a 64-byte row
             offset = _padded_rows(q, KERNEL_COLUMN_GROUP).view(torch.uint8) ^ 0x80  # q + 128 (two's complement)
@@ -168,8 +168,8 @@ class Int8Weight:
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.use_kernel:
-            matmul = cpu_kernels.q8_i8_linear if self.int8_activations else cpu_kernels.q8_linear
-            out = _unpadded(matmul(x.contiguous(), self.packed, self.scales), self.out_features)
+            out = self.kernels.q8_linear(x.contiguous(), self.packed, self.scales, self.int8_activations)
+            out = _unpadded(out, self.out_features)
         else:
             out = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self.weight, self.scales).to(x.dtype)
         return out if bias is None else out + bias
@@ -182,6 +182,11 @@ class Int8Weight:
         else:
             q = self.packed.movedim(-1, 1).reshape(-1, self.in_features)
         return (q.float() * self.scales[:, None])[: self.out_features]
+
+
+def usable(kernels: KernelLibrary | None, weight: torch.Tensor) -> bool:
+    """The C kernels apply: there is a library, and the weight is a float32 CPU matrix."""
+    return kernels is not None and weight.dtype == torch.float32 and weight.device.type == "cpu"
 
 
 def _unpadded(out: torch.Tensor, columns: int) -> torch.Tensor:

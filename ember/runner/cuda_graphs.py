@@ -7,7 +7,7 @@ import bisect
 import torch
 from torch import nn
 
-from ember.layers.attention import PackedAttentionMetadata
+from ember.backends.attention_metadata import PackedAttentionMetadata
 
 MAX_CAPTURED_SEQS = 512  # larger decode batches run eagerly (their launches are a small share of the step)
 

@@ -1,7 +1,8 @@
 """ModelRunner: owns the model and its KV tensors; turns a SchedulerOutput into sampled tokens.
 
-Two paths above the same model code: the CPU path (torch reference ops, host-list metadata, int4 weights) and
-the GPU path (`use_triton`: Triton kernels, metadata as device tensors, CUDA graphs for decode steps)."""
+How each layer computes is chosen once, here, as the model's backends (ember/backends): on a CPU, Ember's C
+kernels for this CPU's instruction set (or the reference torch ops) with int4 / int8 weight copies; on a GPU
+(`use_triton`), Triton kernels, metadata as device tensors and CUDA graphs for decode steps."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -9,10 +10,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ember.backends import Backends, select_backends
+from ember.backends.attention_metadata import to_device
 from ember.config import EngineConfig
-from ember.layers.attention import AttentionMetadata, PackedAttentionMetadata, to_device
 from ember.models.registry import get_model_class
-from ember.ops import cpu_kernels
+from ember.ops.cpu_kernels import KernelLibrary, select_kernels
 from ember.runner.cuda_graphs import DecodeGraphs
 from ember.runner.device import resolve_device, resolve_dtype, resolve_kv_cache_dtype
 from ember.runner.memory import allocate_kv_cache, num_kv_blocks, profile_num_kv_blocks
@@ -38,6 +40,19 @@ class _Lookahead:
     rows: dict[str, _LookaheadRow]
 
 
+def build_model(model_class: type, hf_config: dict, tensors: dict, dtype: torch.dtype, backends: Backends,
+                device: torch.device | str = "cpu") -> torch.nn.Module:
+    """The model on `device` with its checkpoint loaded (strictly) and every module's weights prepared by its backend."""
+    with torch.device(device):  # parameters and buffers are born on the device
+        model = model_class(hf_config, dtype, backends)
+    model.load_weights(tensors)
+    model.eval()
+    for module in reversed(list(model.modules())):  # each module after everything inside it
+        if hasattr(module, "process_weights_after_loading"):
+            module.process_weights_after_loading()
+    return model
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig, hf_config: dict, tensors: dict[str, torch.Tensor], eos_token_ids: set[int],
                  quantize: str | None = None, use_triton: bool | None = None, profile_kv_memory: bool = True,
@@ -56,31 +71,13 @@ class ModelRunner:
         context_len = hf_config.get("max_position_embeddings") or 2048
         self.max_model_len = min(config.model.max_model_len or context_len, context_len)
         model_class = get_model_class(hf_config.get("architectures") or [])
-        with torch.device(self.device):  # parameters and buffers are born on the device
-            self.model = model_class(hf_config, dtype=self.dtype, batch_invariant=config.batch_invariant)
-        # The CPU path's C kernels where they apply (float32; built for this CPU, see ember.ops.cpu_kernels)
-        use_c_kernels = not self.use_triton and self.device.type == "cpu" and self.dtype == torch.float32 and (
-            cpu_kernels.kernels() is not None)
-        if quantize == "int4" and use_c_kernels and not config.batch_invariant:  # int4 copies straight from the file
-            for module in self.model.modules():
-                if hasattr(module, "keep_int4_blocks"):
-                    module.keep_int4_blocks = True
-        self.model.load_weights(tensors)
-        self.model.eval()
-        for module in self.model.modules():
-            if self.use_triton and hasattr(module, "use_triton"):
-                module.use_triton = True
-            if use_c_kernels and hasattr(module, "use_c_kernels"):
-                module.use_c_kernels = True
-            if use_c_kernels and hasattr(module, "int8_activations"):
-                module.int8_activations = config.model.int8_activations
-        if quantize:  # weight-only copies (see Linear.quantize)
-            for module in self.model.modules():
-                if hasattr(module, "quantize"):
-                    module.quantize(quantize)
-            if use_c_kernels and hasattr(self.model, "fuse_decode_layers"):
-                self.model.fuse_decode_layers()  # decode steps: a C call per layer
-        quantized_c_kernels = bool(quantize) and use_c_kernels and not config.batch_invariant  # (which runs dense)
+        self.backends = select_backends(
+            device=self.device, dtype=self.dtype, quantize=quantize, batch_invariant=config.batch_invariant,
+            use_triton=self.use_triton, kernels=self._kernels(config.model.cpu_kernels),
+            int8_activations=config.model.int8_activations)
+        self.model = build_model(model_class, hf_config, tensors, self.dtype, self.backends, self.device)
+        # A half cache where the weights are quantized copies on the C kernels (their outputs are approximate already)
+        quantized_c_kernels = bool(quantize) and self.backends.kernels is not None and not config.batch_invariant
         self.kv_dtype = resolve_kv_cache_dtype(config.cache.kv_cache_dtype, self.dtype, quantized_c_kernels,
                                                self.use_triton)
         bytes_per_block = (2 * self.model.num_layers * self.model.num_kv_heads * self.model.head_dim
@@ -105,6 +102,12 @@ class ModelRunner:
         self.num_lookahead_rows_used = 0  # decode rows whose forward was the lookahead's (tests, metrics)
         self.seed = config.model.seed
         self.generators: dict[str, torch.Generator] = {}  # per seeded request, alive until it finishes
+
+    def _kernels(self, requested: str) -> KernelLibrary | None:
+        """The CPU kernel library (config cpu_kernels), where the model runs float32 on a CPU."""
+        if self.use_triton or self.device.type != "cpu" or self.dtype != torch.float32:
+            return None
+        return select_kernels(requested)
 
     @property
     def num_kv_tokens(self) -> int:
@@ -237,11 +240,7 @@ class ModelRunner:
         is_decode = len(input_ids) == len(seq_lens)  # one new token per sequence
         if kv_caches is None and self.graphs is not None and is_decode and len(seq_lens) <= self.graphs.max_num_seqs:
             return self.graphs.run(input_ids, positions, slots, seq_lens, block_tables)
-        if self.use_triton:
-            metadata = PackedAttentionMetadata.build(slots, query_start_loc, seq_lens, block_tables, self.device)
-        else:
-            metadata = AttentionMetadata(slot_mapping=to_device(slots, torch.long, self.device),
-                                         query_start_loc=query_start_loc, seq_lens=seq_lens, block_tables=block_tables)
+        metadata = self.backends.attention.build_metadata(slots, query_start_loc, seq_lens, block_tables, self.device)
         if not isinstance(input_ids, torch.Tensor):
             input_ids = to_device(input_ids, torch.long, self.device)
         return self.model(input_ids, to_device(positions, torch.long, self.device),

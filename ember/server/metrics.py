@@ -128,6 +128,10 @@ class _EngineCollector:
             family.add_metric(labels, value)
             return family
 
+        kernels = GaugeMetricFamily("ember:kernels_info", "The kernels this model runs on (1 for the variant in use).",
+                                    labels=["model_name", "variant"])
+        kernels.add_metric([self.model_name, llm.kernel_variant], 1)
+        yield kernels
         yield gauge("ember:num_requests_running", "Requests in the running batch.", self.engine.num_running)
         yield gauge("ember:num_requests_waiting", "Requests waiting to be scheduled.", self.engine.num_waiting)
         yield gauge("ember:kv_cache_usage_perc", "Fraction of KV-cache blocks in use (1 = full).", llm.kv_cache.usage)

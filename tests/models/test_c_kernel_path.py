@@ -1,9 +1,10 @@
 """The CPU path's C kernels (ember/ops/csrc) through whole models, on the tiny random models of test_llama_vs_hf
-(Llama, llama3 RoPE + tied head, biases, Qwen2, Qwen3's per-head norm, Mistral's sliding window):
+(Llama, llama3 RoPE + tied head, biases, Qwen2, Qwen3's per-head norm, Mistral's sliding window), for every
+kernel variant this CPU runs:
 - with float32 weights, every module on its C kernel against Hugging Face transformers (atol = rtol = 1e-4 on
   logits, as the torch path);
 - with int4 weights (float32 or int8 activations; a float32 or float16 KV cache), decode steps through the fused
-  per-layer C call (models/llama_fused_decode.py) against the same model's module-by-module path: bitwise equal
+  per-layer C call (backends/fused_decode.py) against the same model's module-by-module path: bitwise equal
   (same kernels, same order, the same rounding into a half cache), for one sequence and for a batch mixing
   decodes with a speculative verification.
 """
@@ -12,51 +13,51 @@ import torch
 
 from test_llama_vs_hf import CASES, PROMPT_LEN, PagedCache, build_ember, build_hf, hf_logits, prompt
 
-from ember.ops import cpu_kernels
+from ember.backends import select_backends
+from ember.ops.cpu_kernels import built_variants, load_library
+from ember.ops.cpu_variants import BY_NAME, cpu_flags, runnable
 
 ATOL = RTOL = 1e-4
+VARIANTS = [name for name in BY_NAME if name in built_variants() and runnable(BY_NAME[name], cpu_flags())]
 
-pytestmark = pytest.mark.skipif(cpu_kernels.kernels() is None, reason="no C compiler")
-
-
-def with_c_kernels(model):
-    for module in model.modules():
-        if hasattr(module, "use_c_kernels"):
-            module.use_c_kernels = True
-    return model
+pytestmark = pytest.mark.skipif(not VARIANTS, reason="no CPU kernel library built (no C compiler at install)")
 
 
+def c_kernel_backends(variant: str, quantize: str | None = None, int8_activations: bool = False):
+    return select_backends(device=torch.device("cpu"), dtype=torch.float32, quantize=quantize, batch_invariant=False,
+                           use_triton=False, kernels=load_library(variant), int8_activations=int8_activations)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("case", CASES)
-def test_float32_model_on_the_c_kernels_matches_hf(case):
+def test_float32_model_on_the_c_kernels_matches_hf(case, variant):
     hf, hf_config = build_hf(case)
-    model = with_c_kernels(build_ember(hf, hf_config))
+    model = build_ember(hf, hf_config, backends=c_kernel_backends(variant))
+    assert model.model.norm.pointwise.kernels.variant.name == variant
     tokens = prompt(PROMPT_LEN + 6, seed=3)
     cache = PagedCache(model)
-    logits = [model.compute_logits(cache.step([(0, tokens[:PROMPT_LEN])]))]  # prefill: flash attention
-    for token in tokens[PROMPT_LEN:]:  # decode: the C attention kernel
+    logits = [model.compute_logits(cache.step([(0, tokens[:PROMPT_LEN])]))]  # prefill: the tiled kernel
+    for token in tokens[PROMPT_LEN:]:  # decode: the short-query kernel
         logits.append(model.compute_logits(cache.step([(0, [token])])))
     torch.testing.assert_close(torch.cat(logits), hf_logits(hf, tokens), atol=ATOL, rtol=RTOL)
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("int8_activations", [False, True])
 @pytest.mark.parametrize("case", CASES)
-def test_fused_decode_layers_equal_the_module_path_bitwise(case, int8_activations, kv_dtype, monkeypatch):
-    if int8_activations and not cpu_kernels.int8_activations_supported():
-        pytest.skip("no AVX512-VNNI")
+def test_fused_decode_layers_equal_the_module_path_bitwise(case, int8_activations, kv_dtype, variant, monkeypatch):
+    kernels = load_library(variant)
+    if int8_activations and not kernels.int8_activations:
+        pytest.skip(f"{variant} has no int8-activation kernels")
     calls = []
-    real = cpu_kernels.decoder_layer
-    monkeypatch.setattr(cpu_kernels, "decoder_layer", lambda *args: calls.append(1) or real(*args))
+    real = type(kernels).decoder_layer
+    monkeypatch.setattr(type(kernels), "decoder_layer", lambda self, *args: calls.append(1) or real(self, *args))
     hf, hf_config = build_hf(case)
-    model = with_c_kernels(build_ember(hf, hf_config))
-    for module in model.modules():
-        if hasattr(module, "int8_activations"):
-            module.int8_activations = int8_activations
-        if hasattr(module, "quantize"):
-            module.quantize("int4")
+    model = build_ember(hf, hf_config, backends=c_kernel_backends(variant, "int4", int8_activations))
     assert all(layer.mlp.down_proj.quantized.int8_activations == int8_activations for layer in model.model.layers)
-    assert model.fuse_decode_layers()
     fused_layers = model.model.fused_layers
+    assert fused_layers is not None
 
     def run(fused: bool) -> list[torch.Tensor]:
         model.model.fused_layers = fused_layers if fused else None

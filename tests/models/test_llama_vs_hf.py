@@ -10,8 +10,10 @@ import pytest
 import torch
 import transformers
 
-from ember.layers.attention import AttentionMetadata
+from ember.backends import reference_backends
+from ember.backends.attention_metadata import AttentionMetadata
 from ember.models.registry import get_model_class
+from ember.runner.model_runner import build_model
 
 ATOL = RTOL = 1e-4
 BLOCK_SIZE = 4  # small, so a 20-token prompt spans several blocks
@@ -57,10 +59,11 @@ def build_hf(case: str, seed: int = 0):
     return hf, hf_config
 
 
-def build_ember(hf, hf_config: dict, batch_invariant: bool = False, dtype: torch.dtype = torch.float32):
-    model = get_model_class(hf_config["architectures"])(hf_config, dtype, batch_invariant=batch_invariant)
-    model.load_weights(dict(hf.state_dict()))
-    return model.eval()
+def build_ember(hf, hf_config: dict, batch_invariant: bool = False, dtype: torch.dtype = torch.float32, backends=None,
+                device: str | torch.device = "cpu"):
+    """Ember's model of the same weights on `backends` (default: the reference ones)."""
+    return build_model(get_model_class(hf_config["architectures"]), hf_config, dict(hf.state_dict()), dtype,
+                       backends or reference_backends(batch_invariant), device)
 
 
 class PagedCache:
@@ -184,7 +187,7 @@ def test_bfloat16_is_as_accurate_as_hf_bfloat16(case):
 
 def test_tied_lm_head_may_be_absent_from_checkpoint():
     hf, hf_config = build_hf("qwen2-tied")
-    model = get_model_class(hf_config["architectures"])(hf_config)
+    model = get_model_class(hf_config["architectures"])(hf_config, torch.float32, reference_backends())
     tensors = {k: v for k, v in hf.state_dict().items() if k != "lm_head.weight"}  # as safetensors stores it
     model.load_weights(tensors)
     assert model.lm_head.weight is model.model.embed_tokens.weight
@@ -200,24 +203,24 @@ def test_loading_is_strict():
 
     missing = {k: v for k, v in tensors.items() if k != "model.layers.1.self_attn.k_proj.weight"}
     with pytest.raises(ValueError, match=r"missing model\.layers\.1\.self_attn\.k_proj\.weight"):
-        model_cls(hf_config).load_weights(missing)
+        model_cls(hf_config, torch.float32, reference_backends()).load_weights(missing)
 
     with pytest.raises(ValueError, match=r"unexpected model\.layers\.0\.mlp\.extra_proj\.weight"):
-        model_cls(hf_config).load_weights({**tensors, "model.layers.0.mlp.extra_proj.weight": torch.zeros(1)})
+        model_cls(hf_config, torch.float32, reference_backends()).load_weights({**tensors, "model.layers.0.mlp.extra_proj.weight": torch.zeros(1)})
 
     wrong_shape = {**tensors, "model.layers.0.mlp.up_proj.weight": torch.zeros(64, 64)}
     with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.up_proj\.weight: checkpoint shape \(64, 64\)"):
-        model_cls(hf_config).load_weights(wrong_shape)
+        model_cls(hf_config, torch.float32, reference_backends()).load_weights(wrong_shape)
 
     # HF's recomputable rotary buffer is tolerated.
-    model_cls(hf_config).load_weights({**tensors, "model.layers.0.self_attn.rotary_emb.inv_freq": torch.zeros(8)})
+    model_cls(hf_config, torch.float32, reference_backends()).load_weights({**tensors, "model.layers.0.self_attn.rotary_emb.inv_freq": torch.zeros(8)})
 
 
 def test_tied_lm_head_must_equal_embedding():
     hf, hf_config = build_hf("qwen2-tied")
     tensors = {**hf.state_dict(), "lm_head.weight": torch.zeros(256, 64)}
     with pytest.raises(ValueError, match="lm_head.weight differs"):
-        get_model_class(hf_config["architectures"])(hf_config).load_weights(tensors)
+        get_model_class(hf_config["architectures"])(hf_config, torch.float32, reference_backends()).load_weights(tensors)
 
 
 def test_unsupported_architecture_lists_supported_ones():
@@ -229,4 +232,4 @@ def test_unsupported_rope_type_is_refused():
     _, hf_config = build_hf("llama")
     hf_config["rope_parameters"] = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}
     with pytest.raises(NotImplementedError, match="'yarn'.*supported: default, linear, llama3"):
-        get_model_class(hf_config["architectures"])(hf_config)
+        get_model_class(hf_config["architectures"])(hf_config, torch.float32, reference_backends())

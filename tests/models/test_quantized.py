@@ -12,12 +12,26 @@ import pytest
 import torch
 
 from ember import LLM, SamplingParams
+from ember.backends.linear_c_kernels import CInt4Method, CInt8Method
+from ember.backends.linear_dense import DenseMethod
+from ember.backends.linear_torch import TorchInt8HeadMethod, TorchQuantizedMethod
 from ember.int4_blocks import Int4Blocks
 from ember.layers.embedding import LMHead
 from ember.layers.linear import Linear
 from ember.loader import load_checkpoint
-from ember.ops import cpu_kernels
+from ember.ops.cpu_kernels import select_kernels
 from ember.ops.linear import TORCH_QUANTIZED_MAX_ROWS, Int4Weight, Int8Weight
+
+KERNELS = select_kernels("auto")  # the library start-up picks here (None without a C compiler at install)
+needs_kernels = pytest.mark.skipif(KERNELS is None, reason="Ember's C kernels are not built")
+
+
+def load(layer, *shards) -> None:
+    """Each (tensor, shard_id) through the parameter's loader, as the model's load_weights does, then the method's
+    preparation."""
+    for param, tensor, shard_id in shards:
+        param.weight_loader(param, tensor, shard_id)
+    layer.process_weights_after_loading()
 
 
 def q4_1_weight(out_features: int, in_features: int, seed: int = 0) -> torch.Tensor:
@@ -33,12 +47,10 @@ def q4_1_weight(out_features: int, in_features: int, seed: int = 0) -> torch.Ten
 
 
 @pytest.mark.parametrize("c_kernels", [True, False])
-def test_int4_recovers_a_q4_1_weight_exactly(c_kernels, monkeypatch):
-    if not c_kernels:
-        monkeypatch.setattr(cpu_kernels, "kernels", lambda: None)
+def test_int4_recovers_a_q4_1_weight_exactly(c_kernels):
     weight = q4_1_weight(96, 128)
     x = torch.randn(5, 128, generator=torch.Generator().manual_seed(1))
-    layer = Int4Weight(weight)
+    layer = Int4Weight(weight, KERNELS if c_kernels else None)
     out = layer.linear(x, None)
     if layer.use_kernel:  # the weight is exact, activations float32
         torch.testing.assert_close(out, torch.nn.functional.linear(x, weight), rtol=1e-5, atol=1e-5)
@@ -50,7 +62,7 @@ def test_int4_recovers_a_q4_1_weight_exactly(c_kernels, monkeypatch):
 def test_int4_and_int8_rows_do_not_depend_on_the_batch():
     weight = torch.randn(64, 96, generator=torch.Generator().manual_seed(2))
     x = torch.randn(7, 96, generator=torch.Generator().manual_seed(3))
-    for quantized in (Int4Weight(weight), Int8Weight(weight)):
+    for quantized in (Int4Weight(weight, KERNELS), Int8Weight(weight, KERNELS)):
         whole = quantized.linear(x, None)
         alone = torch.cat([quantized.linear(x[i : i + 1], None) for i in range(7)])
         assert torch.equal(whole, alone)
@@ -59,23 +71,19 @@ def test_int4_and_int8_rows_do_not_depend_on_the_batch():
 def test_int8_head_is_close_to_dense():
     weight = torch.randn(1000, 64, generator=torch.Generator().manual_seed(4))
     x = torch.randn(3, 64, generator=torch.Generator().manual_seed(5))
-    out = Int8Weight(weight).linear(x, None)
+    out = Int8Weight(weight, KERNELS).linear(x, None)
     reference = torch.nn.functional.linear(x, weight)
     assert (out - reference).abs().max() < 0.02 * reference.abs().max()
 
 
-@pytest.mark.parametrize("c_kernels", [True, False])
-def test_quantized_linear_replaces_the_plain_matrix(c_kernels, monkeypatch):
+@pytest.mark.parametrize("c_kernels", [pytest.param(True, marks=needs_kernels), False])
+def test_quantized_linear_replaces_the_plain_matrix(c_kernels):
     """On the C kernels the int4 copy serves every batch; on PyTorch's, up to 8 rows, and the float32 weight
     prepacked for oneDNN the rest. Either way only one copy of the matrix is kept."""
-    if not c_kernels:
-        monkeypatch.setattr(cpu_kernels, "kernels", lambda: None)
     weight, bias = q4_1_weight(96, 128, seed=6), torch.randn(96, generator=torch.Generator().manual_seed(7))
-    layer = Linear(128, [64, 32], bias=True, dtype=torch.float32)
-    layer.weight_loader(layer.weight, weight[:64], 0)
-    layer.weight_loader(layer.weight, weight[64:], 1)
-    layer.weight_loader(layer.bias, bias, None)
-    layer.quantize()
+    method = CInt4Method(KERNELS, int8_activations=False) if c_kernels else TorchQuantizedMethod("int4")
+    layer = Linear(128, [64, 32], bias=True, dtype=torch.float32, method=method)
+    load(layer, (layer.weight, weight[:64], 0), (layer.weight, weight[64:], 1), (layer.bias, bias, None))
     assert layer.weight.numel() == 0 and layer.quantized.use_kernel == c_kernels
     assert (getattr(layer, "prepacked", None) is None) == c_kernels
     for num_rows in (1, TORCH_QUANTIZED_MAX_ROWS, TORCH_QUANTIZED_MAX_ROWS + 1, 40, 300):
@@ -96,23 +104,19 @@ def q4_1_blocks(weight: torch.Tensor) -> Int4Blocks:
     return Int4Blocks(q[..., :16] | (q[..., 16:] << 4), d, m)
 
 
+@needs_kernels
 @pytest.mark.parametrize("int8_activations", [False, True])
 @pytest.mark.parametrize("shards_as_blocks", [(0, 1), (0,)])
-def test_linear_from_gguf_blocks_equals_the_float_path(int8_activations, shards_as_blocks, monkeypatch):
-    """A Linear given GGUF blocks (keep_int4_blocks) builds the same int4 copy as from the float weight, and
-    never writes its float matrix; with only some shards as blocks it dequantizes them beside the others."""
-    if cpu_kernels.kernels() is None:
-        pytest.skip("Ember's C kernels are not built")
-    monkeypatch.setattr(Linear, "int8_activations", int8_activations)
+def test_linear_from_gguf_blocks_equals_the_float_path(int8_activations, shards_as_blocks):
+    """A Linear given GGUF blocks builds the same int4 copy as from the float weight, and never writes its float
+    matrix; with only some shards as blocks it dequantizes them beside the others."""
     weight = q4_1_weight(96, 128, seed=10)
     assert torch.equal(q4_1_blocks(weight).dequantize(), weight)
     layers = []
     for blocks in (True, False):
-        layer = Linear(128, [64, 32], bias=False, dtype=torch.float32)
-        layer.keep_int4_blocks = blocks
-        for shard_id, rows in enumerate((weight[:64], weight[64:])):
-            layer.weight_loader(layer.weight, q4_1_blocks(rows) if shard_id in shards_as_blocks else rows, shard_id)
-        layer.quantize()
+        layer = Linear(128, [64, 32], bias=False, dtype=torch.float32, method=CInt4Method(KERNELS, int8_activations))
+        load(layer, *((layer.weight, q4_1_blocks(rows) if blocks and shard_id in shards_as_blocks else rows, shard_id)
+                      for shard_id, rows in enumerate((weight[:64], weight[64:]))))
         assert layer.weight.numel() == 0 and not layer.int4_blocks
         layers.append(layer)
     from_blocks, from_floats = layers
@@ -123,36 +127,36 @@ def test_linear_from_gguf_blocks_equals_the_float_path(int8_activations, shards_
     assert torch.equal(from_blocks(x), from_floats(x))
 
 
-def test_linear_refuses_blocks_of_the_wrong_shape():
-    layer = Linear(128, [64, 32], bias=False, dtype=torch.float32)
-    layer.keep_int4_blocks = True
+@pytest.mark.parametrize("method", [pytest.param("c", marks=needs_kernels), "dense"])
+def test_linear_refuses_blocks_of_the_wrong_shape(method):
+    method = CInt4Method(KERNELS, False) if method == "c" else DenseMethod()
+    layer = Linear(128, [64, 32], bias=False, dtype=torch.float32, method=method)
     with pytest.raises(ValueError, match=r"\(32, 128\) does not match expected \(64, 128\)"):
-        layer.weight_loader(layer.weight, q4_1_blocks(q4_1_weight(32, 128)), 0)
+        layer.weight.weight_loader(layer.weight, q4_1_blocks(q4_1_weight(32, 128)), 0)
 
 
 def test_batch_invariant_linear_keeps_its_plain_weight():
-    layer = Linear(64, [32], bias=False, dtype=torch.float32, batch_invariant=True)
-    layer.weight_loader(layer.weight, torch.randn(32, 64), None)
-    layer.quantize()
+    layer = Linear(64, [32], bias=False, dtype=torch.float32, method=DenseMethod(batch_invariant=True))
+    load(layer, (layer.weight, torch.randn(32, 64), None))
     x = torch.randn(20, 64)
     assert layer.weight.shape == (32, 64) and getattr(layer, "prepacked", None) is None
     torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight), rtol=0, atol=1e-5)
 
 
-def test_lm_head_beyond_the_torch_int8_rows_is_float32(monkeypatch):
-    monkeypatch.setattr(cpu_kernels, "kernels", lambda: None)  # PyTorch's int8 kernel: up to 8 rows
-    head = LMHead(64, 1000, torch.float32)
+def test_lm_head_beyond_the_torch_int8_rows_is_float32():
+    head = LMHead(64, 1000, torch.float32, TorchInt8HeadMethod())  # PyTorch's int8 kernel: up to 8 rows
     head.weight.data.copy_(torch.randn(1000, 64, generator=torch.Generator().manual_seed(8)))
-    head.quantize()
+    head.process_weights_after_loading()
     x = torch.randn(TORCH_QUANTIZED_MAX_ROWS + 4, 64, generator=torch.Generator().manual_seed(9))
     torch.testing.assert_close(head(x), torch.nn.functional.linear(x, head.weight), rtol=1e-5, atol=1e-5)
 
 
+@needs_kernels
 def test_lm_head_on_the_c_kernel_is_int8_at_every_batch_and_drops_its_untied_matrix():
-    head = LMHead(64, 1000, torch.float32)
+    head = LMHead(64, 1000, torch.float32, CInt8Method(KERNELS, int8_activations=True))
     weight = torch.randn(1000, 64, generator=torch.Generator().manual_seed(8))
     head.weight.data.copy_(weight)
-    head.quantize()
+    head.process_weights_after_loading()
     assert head.quantized.use_kernel and head.weight.numel() == 0
     x = torch.randn(70, 64, generator=torch.Generator().manual_seed(9))
     out = head(x)
@@ -180,7 +184,7 @@ def test_embedded_model_int4_copies_are_the_files_blocks(dense_and_int4):
                                    ("down", layer.mlp.down_proj, ("down_proj",))):
         prefix = "model.layers.3." + ("self_attn." if name == "qkv" else "mlp.")
         weight = torch.cat([checkpoint.tensors[prefix + n + ".weight"] for n in hf_names])
-        requantized = Int4Weight(weight, module.int8_activations)
+        requantized = Int4Weight(weight, KERNELS, module.quantized.int8_activations)
         for field in ("qs", "d", "m"):
             assert torch.equal(getattr(module.quantized, field), getattr(requantized, field)), (name, field)
 
@@ -188,7 +192,7 @@ def test_embedded_model_int4_copies_are_the_files_blocks(dense_and_int4):
 def test_embedded_model_int4_stays_close_to_dense(dense_and_int4):
     dense, int4 = dense_and_int4
     head = int4.engine.runner.model.lm_head.quantized  # "auto" would pick int4 too for this Q4_1 file
-    assert head is not None and head.int8_activations == cpu_kernels.int8_activations_supported()
+    assert head is not None and head.int8_activations == (KERNELS is not None and KERNELS.int8_activations)
     params = SamplingParams(max_tokens=12, temperature=0, logprobs=5)
     prompts = ["def fibonacci(n):", "Once upon a time"]
     for a, b in zip(dense.generate(prompts, params), int4.generate(prompts, params)):
@@ -203,7 +207,7 @@ def test_a_half_kv_cache_is_the_default_for_quantized_weights_and_stays_close(de
     (<= 0.0033 over 6 prompts x 24 tokens when measured); the greedy tokens stay the same."""
     dense, _ = dense_and_int4
     assert dense.engine.runner.kv_dtype == torch.float32
-    if cpu_kernels.kernels() is not None:
+    if KERNELS is not None:
         assert LLM(quantize="int4", **OPTIONS).engine.runner.kv_dtype == torch.float16
     half = LLM(quantize="none", kv_cache_dtype="float16", **OPTIONS)
     assert half.engine.runner.kv_caches[0].dtype == torch.float16

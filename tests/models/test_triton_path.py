@@ -12,19 +12,18 @@ pytest.importorskip("triton")
 from test_llama_vs_hf import (BLOCK_SIZE, CASES, NUM_BLOCKS, PROMPT_LEN, PagedCache, build_ember, build_hf,  # noqa: E402
                               hf_logits, prompt)
 
-from ember.layers.attention import PackedAttentionMetadata  # noqa: E402
+from ember.backends import select_backends  # noqa: E402
+from ember.backends.attention_metadata import PackedAttentionMetadata  # noqa: E402
 
 ATOL = RTOL = 1e-4
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def build_triton(case: str, dtype: torch.dtype = torch.float32):
+def build_triton(case: str, dtype: torch.dtype = torch.float32, quantize: str | None = None):
     hf, hf_config = build_hf(case)
-    model = build_ember(hf, hf_config, dtype=dtype).to(DEVICE)
-    for module in model.modules():
-        if hasattr(module, "use_triton"):
-            module.use_triton = True
-    return hf, model
+    backends = select_backends(device=DEVICE, dtype=dtype, quantize=quantize, batch_invariant=False, use_triton=True,
+                               kernels=None, int8_activations=False)
+    return hf, build_ember(hf, hf_config, dtype=dtype, backends=backends, device=DEVICE)
 
 
 class PackedPagedCache(PagedCache):
@@ -69,14 +68,14 @@ def test_mixed_batch_matches_each_sequence_alone():
 def test_int8_weights_equal_dense_on_the_dequantized_weights():
     """--quantize int8 on the GPU path: every linear and the (untied) head on the Triton int8 kernel give the
     torch path's logits on the same int8 weights dequantized (q * scale) into a float model."""
-    hf, model = build_triton("llama")
+    hf, dense_model = build_triton("llama")
+    _, model = build_triton("llama", quantize="int8")
     reference = build_ember(hf, build_hf("llama")[1])  # the torch path, on the CPU
     tokens = prompt(PROMPT_LEN, seed=5)
-    dense = model.compute_logits(PackedPagedCache(model).step([(0, tokens)])).cpu()
+    dense = dense_model.compute_logits(PackedPagedCache(dense_model).step([(0, tokens)])).cpu()
     for module, ref_module in zip(model.modules(), reference.modules()):
-        if hasattr(module, "quantize"):
-            module.quantize("int8")
-            int8 = module.prepacked
+        if getattr(module, "quantized", None) is not None:
+            int8 = module.quantized
             ref_module.weight.data = (int8.weight.float() * int8.scales[:, None]).cpu()
     assert model.model.layers[0].mlp.down_proj.weight.numel() == 0  # the int8 copy replaced the plain matrix
     quantized = model.compute_logits(PackedPagedCache(model).step([(0, tokens)])).cpu()
@@ -99,7 +98,7 @@ def test_runner_on_the_gpu_path_generates_as_the_cpu_path():
     tokens = {}
     for use_triton in (False, True):
         runner = ModelRunner(config, hf_config, dict(hf.state_dict()), eos_token_ids=set(), use_triton=use_triton)
-        assert runner.model.model.norm.use_triton == use_triton
+        assert (runner.backends.kernel_variant == "triton") == use_triton
         prompts = {"a": prompt(9, seed=1), "b": prompt(14, seed=2)}
         blocks = {"a": [3, 17, 5, 30, 8, 12], "b": [40, 2, 21, 9, 33, 6, 14]}
         generated = {i: [] for i in prompts}

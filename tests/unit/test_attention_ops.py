@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from ember.layers.attention import AttentionMetadata
+from ember.backends.attention_metadata import AttentionMetadata
 from ember.ops.attention import paged_attention, paged_decode_attention
 
 

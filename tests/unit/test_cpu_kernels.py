@@ -2,31 +2,31 @@
 both paths (registers up to 4 rows, dequantized panels beyond) at every tile shape (partial row tiles,
 column groups and panels, a second chunk of rows), the fused RMSNorm (with residual, strided rows), SiLU-mul,
 in-place rotary and paged attention for short queries (GQA, sliding window, mixed with a prefill), and the
-int4 matmul with int8 activations (AVX512-VNNI builds) against its exact rounding. Each runs twice: the build
-for this CPU (AVX-512 here) and the portable C build (-mno-avx512f: what a machine without AVX-512 compiles).
-Float32 throughout: only summation order differs."""
+matmuls with int8 activations against their exact rounding. Each runs on every variant built at install that
+this CPU runs (avx512_vnni, avx512, avx2, portable here), through its torch.library ops. Float32 throughout:
+only summation order differs."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-from ember.layers.attention import Attention, AttentionMetadata
-from ember.layers.rotary import RotaryEmbedding, _rotate
-from ember.ops import cpu_kernels
+from ember.backends.attention import CKernelAttention
+from ember.backends.attention_metadata import AttentionMetadata
+from ember.backends.pointwise import CKernelPointwise, rotate
+from ember.layers.attention import Attention
+from ember.layers.rotary import RotaryEmbedding
 from ember.ops.attention import paged_attention
+from ember.ops.cpu_kernels import built_variants, load_library
+from ember.ops.cpu_variants import BY_NAME, cpu_flags, runnable
 from ember.ops.linear import Int4Weight, Int8Weight
 
-BUILDS = {"native": cpu_kernels.FLAGS, "portable": [*cpu_kernels.FLAGS, "-mno-avx512f"]}
+VARIANTS = [name for name in BY_NAME if name in built_variants() and runnable(BY_NAME[name], cpu_flags())]
 TOL = dict(rtol=1e-5, atol=1e-5)
 MATMUL_TOL = dict(rtol=1e-5, atol=5e-4)  # one running sum of up to 4096 products of size ~1 (sums ~64): ~1e-5 of it
 
 
-@pytest.fixture(params=list(BUILDS))
-def lib(request, monkeypatch):
-    loaded = cpu_kernels.load(BUILDS[request.param])
-    if loaded is None:
-        pytest.skip("no C compiler")
-    monkeypatch.setattr(cpu_kernels, "kernels", lambda: loaded)
-    return loaded
+@pytest.fixture(params=VARIANTS or [pytest.param(None, marks=pytest.mark.skip("no kernel library built"))])
+def lib(request):
+    return load_library(request.param)
 
 
 def gen(seed: int) -> torch.Generator:
@@ -36,7 +36,7 @@ def gen(seed: int) -> torch.Generator:
 @pytest.mark.parametrize("out_features,in_features", [(96, 128), (10, 1536), (3, 64), (21, 4096)])
 def test_q4_linear_matches_the_dequantized_weight(lib, out_features, in_features):
     weight = torch.randn(out_features, in_features, generator=gen(0))
-    layer = Int4Weight(weight)
+    layer = Int4Weight(weight, lib)
     assert layer.use_kernel
     dequantized = layer.dequantized()
     assert dequantized.shape == weight.shape
@@ -49,7 +49,7 @@ def test_q4_linear_matches_the_dequantized_weight(lib, out_features, in_features
 
 def test_q8_linear_matches_the_dequantized_weight(lib):
     weight = torch.randn(70, 96, generator=gen(2))
-    layer = Int8Weight(weight)
+    layer = Int8Weight(weight, lib)
     assert layer.use_kernel and layer.scales.dtype == torch.float32
     dequantized = layer.dequantized()
     assert (dequantized - weight).abs().max() <= layer.scales.max() / 2 * 1.01
@@ -62,8 +62,8 @@ def test_quantized_rows_do_not_depend_on_the_batch(lib):
     """Bitwise: a row alone (register path) equals that row in a batch (panel path, any tile position)."""
     weight = torch.randn(37, 2048, generator=gen(3))  # a partial column group and panel; 2 chunks of rows at K=2048
     x = torch.randn(45, 2048, generator=gen(4))
-    for layer in (Int4Weight(weight), Int8Weight(weight), Int4Weight(weight, int8_activations=True),
-                  Int8Weight(weight, int8_activations=True)):
+    for layer in (Int4Weight(weight, lib), Int8Weight(weight, lib), Int4Weight(weight, lib, int8_activations=True),
+                  Int8Weight(weight, lib, int8_activations=True)):
         whole = layer.linear(x, None)
         assert torch.equal(whole, torch.cat([layer.linear(x[i : i + 1], None) for i in range(45)]))
         assert torch.equal(whole[3:9], layer.linear(x[3:9], None))
@@ -85,9 +85,9 @@ def int8_reference(x: torch.Tensor, layer: Int4Weight) -> torch.Tensor:
 @pytest.mark.parametrize("out_features,in_features", [(96, 128), (10, 1536), (3, 64), (21, 4096), (48, 576)])
 def test_q4_int8_activations_match_the_rounded_reference(lib, out_features, in_features):
     weight = torch.randn(out_features, in_features, generator=gen(0))
-    layer, exact = Int4Weight(weight, int8_activations=True), Int4Weight(weight)
+    layer, exact = Int4Weight(weight, lib, int8_activations=True), Int4Weight(weight, lib)
     if not layer.int8_activations:
-        pytest.skip("no AVX512-VNNI in this build")
+        pytest.skip(f"{lib.variant.name} has no int8-activation kernels")
     assert torch.equal(layer.dequantized(), exact.dequantized())  # the same weight, another layout
     for rows in [*range(1, 10), 19]:  # every tile shape: 1-4 rows x 1-3 column groups
         x = torch.randn(rows, in_features, generator=gen(rows)) * torch.rand(in_features, generator=gen(9)) * 4
@@ -109,9 +109,9 @@ def rounded_activations(x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("out_features,in_features", [(70, 96), (3, 64), (49, 576), (21, 4096)])
 def test_q8_int8_activations_match_the_rounded_reference(lib, out_features, in_features):
     weight = torch.randn(out_features, in_features, generator=gen(12))
-    layer, exact = Int8Weight(weight, int8_activations=True), Int8Weight(weight)
+    layer, exact = Int8Weight(weight, lib, int8_activations=True), Int8Weight(weight, lib)
     if not layer.int8_activations:
-        pytest.skip("no AVX512-VNNI in this build")
+        pytest.skip(f"{lib.variant.name} has no int8-activation kernels")
     assert torch.equal(layer.dequantized(), exact.dequantized())  # the same weight, another layout
     for rows in [*range(1, 10), 19]:  # every tile shape: 1-4 rows x 1-3 column groups
         x = torch.randn(rows, in_features, generator=gen(rows)) * torch.rand(in_features, generator=gen(13)) * 4
@@ -126,8 +126,8 @@ def test_q8_int8_activations_match_the_rounded_reference(lib, out_features, in_f
 def test_rms_norm_with_and_without_residual(lib):
     x, residual = torch.randn(5, 576, generator=gen(5)), torch.randn(5, 576, generator=gen(6))
     weight = torch.randn(576, generator=gen(7))
-    torch.testing.assert_close(cpu_kernels.rms_norm(x, None, weight, 1e-5), F.rms_norm(x, (576,), weight, 1e-5), **TOL)
-    out, summed = cpu_kernels.rms_norm(x, residual, weight, 1e-5)
+    torch.testing.assert_close(lib.rms_norm(x, None, weight, 1e-5), F.rms_norm(x, (576,), weight, 1e-5), **TOL)
+    out, summed = lib.rms_norm(x, residual, weight, 1e-5)
     torch.testing.assert_close(summed, x + residual, rtol=0, atol=0)
     torch.testing.assert_close(out, F.rms_norm(x + residual, (576,), weight, 1e-5), **TOL)
 
@@ -136,24 +136,23 @@ def test_rms_norm_on_strided_head_views(lib):
     qkv = torch.randn(3, 4 * 64 + 2 * 64, generator=gen(8))
     q = qkv[:, : 4 * 64].view(3, 4, 64)  # Qwen3's per-head norm on a view of the fused projection
     weight = torch.randn(64, generator=gen(9))
-    torch.testing.assert_close(cpu_kernels.rms_norm(q, None, weight, 1e-6), F.rms_norm(q, (64,), weight, 1e-6), **TOL)
+    torch.testing.assert_close(lib.rms_norm(q, None, weight, 1e-6), F.rms_norm(q, (64,), weight, 1e-6), **TOL)
 
 
 def test_silu_and_mul(lib):
     x = torch.randn(7, 2 * 1536, generator=gen(10)) * 4
     gate, up = x.chunk(2, dim=-1)
-    torch.testing.assert_close(cpu_kernels.silu_and_mul(x), F.silu(gate) * up, **TOL)
+    torch.testing.assert_close(lib.silu_and_mul(x), F.silu(gate) * up, **TOL)
 
 
 def test_rotary_in_place_on_fused_qkv_views(lib):
-    rope = RotaryEmbedding(64, 256, 10000.0)
-    rope.use_c_kernels = True  # as the runner sets it
+    rope = RotaryEmbedding(64, 256, 10000.0, None, CKernelPointwise(lib))
     qkv = torch.randn(5, (9 + 3 + 3) * 64, generator=gen(11))
     q, k = qkv[:, : 9 * 64].view(5, 9, 64), qkv[:, 9 * 64 : 12 * 64].view(5, 3, 64)
     v_before = qkv[:, 12 * 64 :].clone()
     positions = torch.tensor([0, 7, 100, 255, 3])
     cos, sin = rope.cos_cache[positions].unsqueeze(1), rope.sin_cache[positions].unsqueeze(1)
-    expected_q, expected_k = _rotate(q.clone(), cos, sin), _rotate(k.clone(), cos, sin)
+    expected_q, expected_k = rotate(q.clone(), cos, sin), rotate(k.clone(), cos, sin)
     out_q, out_k = rope(positions, q, k)
     assert out_q.data_ptr() == q.data_ptr()  # in place
     torch.testing.assert_close(out_q, expected_q, **TOL)
@@ -161,11 +160,10 @@ def test_rotary_in_place_on_fused_qkv_views(lib):
     assert torch.equal(qkv[:, 12 * 64 :], v_before)
 
 
-def test_without_the_kernels_the_torch_ops_serve(monkeypatch):
-    monkeypatch.setattr(cpu_kernels, "kernels", lambda: None)
+def test_without_the_kernels_the_torch_ops_serve():
     weight = torch.randn(32, 64, generator=gen(12))
-    layer = Int4Weight(weight)
-    assert not layer.use_kernel and not cpu_kernels.usable(weight)
+    layer = Int4Weight(weight, None)
+    assert not layer.use_kernel
     x = torch.randn(2, 64, generator=gen(13))
     assert (layer.linear(x, None) - F.linear(x, weight)).abs().max() < 0.1 * F.linear(x, weight).abs().max()
 
@@ -198,19 +196,71 @@ def test_attention_layer_matches_the_reference(lib, sliding_window, num_heads, n
     q = fused[:, : num_heads * head_dim].view(-1, num_heads, head_dim)
     k = fused[:, num_heads * head_dim : (num_heads + num_kv_heads) * head_dim].view(-1, num_kv_heads, head_dim)
     v = fused[:, (num_heads + num_kv_heads) * head_dim :].view(-1, num_kv_heads, head_dim)
-    layer = Attention(head_dim**-0.5, sliding_window)
-    layer.use_c_kernels = True  # as the runner sets it
+    layer = Attention(head_dim**-0.5, sliding_window, CKernelAttention(lib))
     out = layer(q, k, v, kv_cache, metadata)  # writes this step's K/V, then attends
-    assert metadata.c_kernel_tables().long_seq_ids.tolist() == [3, 5] and out.is_contiguous()
+    assert metadata.c_kernel_tables.long_seq_ids.tolist() == [3, 5] and out.is_contiguous()
     reference = paged_attention(q, kv_cache[0], kv_cache[1], metadata, head_dim**-0.5, sliding_window)
     torch.testing.assert_close(out, reference, **TOL)
 
 
-def test_the_runner_turns_the_kernels_on_for_float32_cpu_models():
+def random_step(q_lens, seq_lens, num_heads, num_kv_heads, head_dim, block_size, kv_dtype, seed=0):
+    """A step over a shuffled paged cache: (q, k, v views of a fused projection, kv_cache, metadata)."""
+    g = gen(seed)
+    num_blocks = sum(-(-n // block_size) for n in seq_lens) + 3
+    kv_cache = torch.randn(2, num_blocks, block_size, num_kv_heads, head_dim, generator=g).to(kv_dtype)
+    free = torch.randperm(num_blocks, generator=g).tolist()
+    block_tables = [[free.pop() for _ in range(-(-n // block_size))] for n in seq_lens]
+    starts = [0]
+    for q_len in q_lens:
+        starts.append(starts[-1] + q_len)
+    slots = [block_tables[s][p // block_size] * block_size + p % block_size
+             for s, (q_len, n) in enumerate(zip(q_lens, seq_lens)) for p in range(n - q_len, n)]
+    metadata = AttentionMetadata(slot_mapping=torch.tensor(slots), query_start_loc=starts, seq_lens=seq_lens,
+                                 block_tables=block_tables)
+    fused = torch.randn(starts[-1], (num_heads + 2 * num_kv_heads) * head_dim, generator=g)
+    q = fused[:, : num_heads * head_dim].view(-1, num_heads, head_dim)
+    k = fused[:, num_heads * head_dim : (num_heads + num_kv_heads) * head_dim].view(-1, num_kv_heads, head_dim)
+    v = fused[:, (num_heads + num_kv_heads) * head_dim :].view(-1, num_kv_heads, head_dim)
+    return q, k, v, kv_cache, metadata
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("sliding_window", [None, 100])
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(9, 3, 64), (4, 2, 128), (4, 4, 80)])
+def test_long_contexts_match_the_reference(lib, sliding_window, num_heads, num_kv_heads, head_dim, kv_dtype):
+    """Hundreds of keys (many 16-key tiles and cache blocks, windows spanning blocks): decodes and a
+    verification at long contexts, a long prefill after a prefix and a whole prompt (the tiled kernel)."""
+    q_lens, seq_lens = [1, 7, 300, 1, 257], [700, 333, 420, 129, 257]
+    q, k, v, kv_cache, metadata = random_step(q_lens, seq_lens, num_heads, num_kv_heads, head_dim, 16, kv_dtype)
+    layer = Attention(head_dim**-0.5, sliding_window, CKernelAttention(lib))
+    out = layer(q, k, v, kv_cache, metadata)
+    assert metadata.c_kernel_tables.long_seq_ids.tolist() == [2, 4]
+    reference = paged_attention(q, kv_cache[0], kv_cache[1], metadata, head_dim**-0.5, sliding_window)
+    torch.testing.assert_close(out, reference, **TOL)
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16])
+def test_attention_rows_do_not_depend_on_the_batch(lib, kv_dtype):
+    """Bitwise: each sequence attended alone (by either kernel) equals its rows in the whole batch."""
+    q_lens, seq_lens = [1, 5, 40, 1, 33], [50, 21, 90, 7, 33]
+    q, k, v, kv_cache, metadata = random_step(q_lens, seq_lens, 9, 3, 64, 16, kv_dtype, seed=1)
+    layer = Attention(64**-0.5, None, CKernelAttention(lib))
+    whole = layer(q, k, v, kv_cache, metadata)  # also writes this step's K/V
+    tables = metadata.c_kernel_tables
+    starts = metadata.query_start_loc
+    for long_queries, seq_ids in ((False, tables.short_seq_ids), (True, tables.long_seq_ids)):
+        for s in seq_ids.tolist():
+            alone = torch.full_like(whole, float("nan"))
+            lib.paged_attention(q, kv_cache[0], kv_cache[1], torch.tensor([s]), tables.query_start_loc,
+                                tables.seq_lens, tables.block_table, 64**-0.5, None, alone, long_queries)
+            assert torch.equal(alone[starts[s] : starts[s + 1]], whole[starts[s] : starts[s + 1]])
+
+
+@pytest.mark.skipif(not VARIANTS, reason="no kernel library built")
+def test_the_runner_puts_float32_cpu_models_on_the_kernels():
     from ember import LLM
     from ember.layers.norm import RMSNorm
 
     llm = LLM(progress=False, max_model_len=256, kv_cache_memory_gib=0.05)
     norms = [m for m in llm.engine.runner.model.modules() if isinstance(m, RMSNorm)]
-    assert norms and all(m.use_c_kernels for m in norms)
-    assert not RMSNorm(8, 1e-6, torch.float32).use_c_kernels  # a bare layer keeps PyTorch's ops (the reference)
+    assert norms and all(m.pointwise.kernels.variant.name == VARIANTS[0] for m in norms)

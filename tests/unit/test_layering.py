@@ -4,8 +4,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2] / "ember"
 # server → engine.async_engine → engine → runner → models → layers → ops: a layer imports only lower ones.
-CHAIN = ["ops", "layers", "models", "runner", "engine", "engine.async_engine", "server"]
-LEAVES = {"config", "sampling_params", "outputs", "int4_blocks"}
+CHAIN = ["ops", "backends", "layers", "models", "runner", "engine", "engine.async_engine", "server"]
+LEAVES = {"config", "sampling_params", "outputs", "int4_blocks", "weight_copy"}
 LEAF_USERS = {"tokenizer", "loader"}  # import only leaves
 
 

@@ -8,7 +8,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # read by @triton.jit at import, so before the kernel module
 triton = pytest.importorskip("triton")
 
-from ember.layers.attention import AttentionMetadata  # noqa: E402
+from ember.backends.attention_metadata import AttentionMetadata  # noqa: E402
 from ember.ops.attention import paged_attention  # noqa: E402
 from ember.ops.triton_attention import _num_decode_splits, unified_attention  # noqa: E402
 

@@ -9,6 +9,7 @@ pytest.importorskip("triton")
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # read by @triton.jit when the kernel modules are imported
 
+from ember.backends.pointwise import TorchPointwise  # noqa: E402
 from ember.layers.activation import SiluAndMul  # noqa: E402
 from ember.layers.norm import RMSNorm  # noqa: E402
 from ember.layers.rotary import RotaryEmbedding  # noqa: E402
@@ -35,7 +36,7 @@ def assert_close_or_equal(actual, expected, dtype, is_exact):
 
 
 def make_norm(hidden_size, dtype):
-    norm = RMSNorm(hidden_size, 1e-6, dtype).to(DEVICE)
+    norm = RMSNorm(hidden_size, 1e-6, dtype, TorchPointwise()).to(DEVICE)
     norm.weight.copy_(1 + 0.1 * torch.randn(hidden_size))
     return norm
 
@@ -76,7 +77,7 @@ def test_rms_norm_per_head_on_a_qkv_view(dtype, head_dim):
 def test_rotary_matches_layer_on_qkv_views(dtype, head_dim):
     torch.manual_seed(0)
     num_tokens, num_heads, num_kv_heads = 5, 4, 2
-    rope = RotaryEmbedding(head_dim, max_position=64, base=10000.0).to(DEVICE)
+    rope = RotaryEmbedding(head_dim, max_position=64, base=10000.0, scaling=None, pointwise=TorchPointwise()).to(DEVICE)
     qkv = torch.randn(num_tokens, (num_heads + 2 * num_kv_heads) * head_dim, device=DEVICE).to(dtype)
     q, k, v = qkv.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1)
     q, k = q.view(num_tokens, num_heads, head_dim), k.view(num_tokens, num_kv_heads, head_dim)
@@ -103,7 +104,7 @@ def test_rotary_matches_layer_on_qkv_views(dtype, head_dim):
 def test_silu_and_mul_matches_layer(dtype, d):
     torch.manual_seed(0)
     x = (2 * torch.randn(3, 2 * d, device=DEVICE)).to(dtype)
-    torch.testing.assert_close(silu_and_mul(x), SiluAndMul()(x), **TOLERANCE[dtype])
+    torch.testing.assert_close(silu_and_mul(x), SiluAndMul(TorchPointwise())(x), **TOLERANCE[dtype])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -133,7 +134,7 @@ def test_int8_quantization_is_int8_weights():
     weight = torch.randn(40, 64, dtype=torch.bfloat16, device=DEVICE)
     weight[3] = 0  # an all-zero channel: the clamped scale keeps it zero, not NaN
     layer = TritonInt8Weight(weight)
-    reference = Int8Weight(weight.cpu())
+    reference = Int8Weight(weight.cpu(), None)
     assert layer.weight.dtype == torch.int8 and layer.weight.device == weight.device
     assert layer.scales.dtype == torch.float32 and layer.scales.shape == (40,)
     assert torch.equal(layer.weight.cpu(), reference.weight)
@@ -148,7 +149,7 @@ def test_no_tokens():
     assert [t.shape for t in fused_add_rms_norm(empty, empty, weight, 1e-6)] == [(0, 576), (0, 576)]
     assert silu_and_mul(empty).shape == (0, 288)
     assert TritonInt8Weight(torch.randn(16, 576, device=DEVICE)).linear(empty, None).shape == (0, 16)
-    rope = RotaryEmbedding(64, max_position=8, base=10000.0).to(DEVICE)
+    rope = RotaryEmbedding(64, max_position=8, base=10000.0, scaling=None, pointwise=TorchPointwise()).to(DEVICE)
     q, k = torch.empty(0, 2, 64, device=DEVICE), torch.empty(0, 1, 64, device=DEVICE)
     positions = torch.empty(0, dtype=torch.long, device=DEVICE)
     assert [t.shape for t in rotary(positions, q, k, rope.cos_cache, rope.sin_cache)] == [(0, 2, 64), (0, 1, 64)]

@@ -6,24 +6,13 @@
 #include <stdint.h>
 #include <stdlib.h>
 
-#include "paged_cache.h"
+#include "paged_cache.h"  // attn_simd.h's vectors, kv_loadv
 #include "vector_math.h"
 
 #define MAX_GROUP 8  // query heads per KV head handled at once
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
-
 static inline float dot(const float* a, const float* b, int64_t n)
 {
-#if defined(__AVX512F__)
-    if (n % 16 == 0) {
-        __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(a), _mm512_loadu_ps(b));
-        for (int64_t e = 16; e < n; e += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + e), _mm512_loadu_ps(b + e), acc);
-        return _mm512_reduce_add_ps(acc);
-    }
-#endif
     float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
     for (int64_t e = 0; e < n; e++) sum += a[e] * b[e];
@@ -32,14 +21,6 @@ static inline float dot(const float* a, const float* b, int64_t n)
 
 static inline void axpy(float w, const float* x, float* y, int64_t n)  // y += w x
 {
-#if defined(__AVX512F__)
-    if (n % 16 == 0) {
-        const __m512 vw = _mm512_set1_ps(w);
-        for (int64_t e = 0; e < n; e += 16)
-            _mm512_storeu_ps(y + e, _mm512_fmadd_ps(vw, _mm512_loadu_ps(x + e), _mm512_loadu_ps(y + e)));
-        return;
-    }
-#endif
 #pragma omp simd
     for (int64_t e = 0; e < n; e++) y[e] += w * x[e];
 }
@@ -60,48 +41,36 @@ static void softmax_numerators(float* scores, int64_t hn, int64_t n, float* inv)
     }
 }
 
-#if defined(__AVX512F__)
-// out[i] = the sum of v[i]'s 16 lanes: a transpose-and-add tree (45 shuffles and adds for 16 sums, against
-// ~8 each for a horizontal sum per vector).
-static inline __m512 sum16(const __m512 v[16])
-{
-    __m512 w[8], u[4];
-    for (int i = 0; i < 8; i++)  // lane k: (a0+a2, b0+b2, a1+a3, b1+b3) of v[2i] = a, v[2i+1] = b
-        w[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
-    for (int i = 0; i < 4; i++)  // lane k: the lane's partial sums of v[4i .. 4i+3]
-        u[i] = _mm512_add_ps(_mm512_shuffle_ps(w[2 * i], w[2 * i + 1], 0x44), _mm512_shuffle_ps(w[2 * i], w[2 * i + 1], 0xEE));
-    const __m512 s01 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], 0x44), _mm512_shuffle_f32x4(u[0], u[1], 0xEE));
-    const __m512 s23 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], 0x44), _mm512_shuffle_f32x4(u[2], u[3], 0xEE));
-    return _mm512_add_ps(_mm512_shuffle_f32x4(s01, s23, 0x88), _mm512_shuffle_f32x4(s01, s23, 0xDD));
-}
+#if defined(ATTN_VF)
+#define VF ATTN_VF
 
-// One query's hn heads (h0.. of KV head g's group) over keys first..pos, head_dim D a multiple of 16 (at most
-// 256). always_inline so that the callers' constant D unrolls the chunk loops into registers. Scores: 16 keys
-// a time, one accumulator each (no horizontal sum per key); values: the head's output in registers, two keys
-// a time into two accumulator sets.
-static inline __attribute__((always_inline)) void attend_avx512(
+// One query's hn heads (h0.. of KV head g's group) over keys first..pos, head_dim D a multiple of VF (at most
+// 256), in attn_simd.h's vectors. always_inline so that the callers' constant D unrolls the chunk loops into
+// registers. Scores: VF keys a time, one accumulator each (no horizontal sum per key: attn_vsum_lanes);
+// values: a slice of the head's output in registers (ATTN_VALUE_SLICE vectors), the keys alternating between
+// ATTN_VALUE_SETS accumulator sets. A score's sum runs over head_dim in VF lanes, then the lane tree; an
+// output element's over the keys in order (per set, then the sets added): both fixed by D and the ISA alone.
+static inline __attribute__((always_inline)) void attend_vec(
     const float* qh, int64_t hn, const void* k_cache, const void* v_cache, const int kv_f16, const int64_t* blocks,
     int64_t block_size, int64_t slot_stride, int64_t g, int64_t first, int64_t pos, float scale, float* scores,
     float* o, const int64_t D)
 {
-    const int64_t n = pos + 1 - first, nc = D / 16;
+    const int64_t n = pos + 1 - first, nc = D / VF;
     for (int64_t p = first, slot, run; p <= pos; p += run) {
         run = block_run(blocks, block_size, p, pos + 1, &slot);
         const int64_t kp = slot * slot_stride + g * D;  // element offsets into the cache
-        for (int64_t r0 = 0; r0 < run; r0 += 16) {
-            const int64_t m = run - r0 < 16 ? run - r0 : 16;
-            int64_t key[16];
-            for (int j = 0; j < 16; j++) key[j] = kp + (r0 + (j < m ? j : m - 1)) * slot_stride;  // repeats: unused lanes
+        for (int64_t r0 = 0; r0 < run; r0 += VF) {
+            const int m = run - r0 < VF ? (int)(run - r0) : VF;
+            int64_t key[VF];
+            for (int j = 0; j < VF; j++) key[j] = kp + (r0 + (j < m ? j : m - 1)) * slot_stride;  // repeats: unused lanes
             for (int64_t h = 0; h < hn; h++) {
-                __m512 acc[16];
-                for (int j = 0; j < 16; j++) acc[j] = _mm512_setzero_ps();
+                attn_vf acc[VF];
+                for (int j = 0; j < VF; j++) acc[j] = attn_vzero();
                 for (int64_t c = 0; c < nc; c++) {
-                    const __m512 qv = _mm512_loadu_ps(qh + h * D + c * 16);
-                    for (int j = 0; j < 16; j++)
-                        acc[j] = _mm512_fmadd_ps(qv, kv_load16(k_cache, key[j] + c * 16, kv_f16), acc[j]);
+                    const attn_vf qv = attn_vload(qh + h * D + c * VF);
+                    for (int j = 0; j < VF; j++) acc[j] = attn_vfmadd(qv, kv_loadv(k_cache, key[j] + c * VF, kv_f16), acc[j]);
                 }
-                _mm512_mask_storeu_ps(scores + h * n + p - first + r0, (__mmask16)((1u << m) - 1),
-                                      _mm512_mul_ps(sum16(acc), _mm512_set1_ps(scale)));
+                attn_vstore_n(scores + h * n + p - first + r0, attn_vmul(attn_vsum_lanes(acc), attn_vset1(scale)), m);
             }
         }
     }
@@ -109,28 +78,43 @@ static inline __attribute__((always_inline)) void attend_avx512(
     softmax_numerators(scores, hn, n, inv);
     for (int64_t h = 0; h < hn; h++) {  // weighted values
         const float* sh = scores + h * n;
-        __m512 a[16], b[16];
-        for (int64_t c = 0; c < nc; c++) a[c] = b[c] = _mm512_setzero_ps();
-        for (int64_t p = first, slot, run; p <= pos; p += run) {
-            run = block_run(blocks, block_size, p, pos + 1, &slot);
-            const int64_t vp = slot * slot_stride + g * D;
-            const float* w = sh + p - first;
-            int64_t r = 0;
-            for (; r + 1 < run; r += 2) {
-                const __m512 w0 = _mm512_set1_ps(w[r]), w1 = _mm512_set1_ps(w[r + 1]);
-                for (int64_t c = 0; c < nc; c++) {
-                    a[c] = _mm512_fmadd_ps(w0, kv_load16(v_cache, vp + r * slot_stride + c * 16, kv_f16), a[c]);
-                    b[c] = _mm512_fmadd_ps(w1, kv_load16(v_cache, vp + (r + 1) * slot_stride + c * 16, kv_f16), b[c]);
+        const attn_vf vinv = attn_vset1(inv[h]);
+        for (int64_t c0 = 0; c0 < nc; c0 += ATTN_VALUE_SLICE) {
+            const int64_t cn = nc - c0 < ATTN_VALUE_SLICE ? nc - c0 : ATTN_VALUE_SLICE;
+            attn_vf a[ATTN_VALUE_SLICE];
+#if ATTN_VALUE_SETS == 2
+            attn_vf b[ATTN_VALUE_SLICE];
+            for (int64_t c = 0; c < cn; c++) a[c] = b[c] = attn_vzero();
+#else
+            for (int64_t c = 0; c < cn; c++) a[c] = attn_vzero();
+#endif
+            for (int64_t p = first, slot, run; p <= pos; p += run) {
+                run = block_run(blocks, block_size, p, pos + 1, &slot);
+                const int64_t vp = slot * slot_stride + g * D + c0 * VF;
+                const float* w = sh + p - first;
+                int64_t r = 0;
+#if ATTN_VALUE_SETS == 2
+                for (; r + 1 < run; r += 2) {
+                    const attn_vf w0 = attn_vset1(w[r]), w1 = attn_vset1(w[r + 1]);
+                    for (int64_t c = 0; c < cn; c++) {
+                        a[c] = attn_vfmadd(w0, kv_loadv(v_cache, vp + r * slot_stride + c * VF, kv_f16), a[c]);
+                        b[c] = attn_vfmadd(w1, kv_loadv(v_cache, vp + (r + 1) * slot_stride + c * VF, kv_f16), b[c]);
+                    }
+                }
+#endif
+                for (; r < run; r++) {
+                    const attn_vf w0 = attn_vset1(w[r]);
+                    for (int64_t c = 0; c < cn; c++)
+                        a[c] = attn_vfmadd(w0, kv_loadv(v_cache, vp + r * slot_stride + c * VF, kv_f16), a[c]);
                 }
             }
-            if (r < run) {
-                const __m512 w0 = _mm512_set1_ps(w[r]);
-                for (int64_t c = 0; c < nc; c++)
-                    a[c] = _mm512_fmadd_ps(w0, kv_load16(v_cache, vp + r * slot_stride + c * 16, kv_f16), a[c]);
+            for (int64_t c = 0; c < cn; c++) {
+#if ATTN_VALUE_SETS == 2
+                a[c] = attn_vadd(a[c], b[c]);
+#endif
+                attn_vstore(o + h * D + (c0 + c) * VF, attn_vmul(a[c], vinv));
             }
         }
-        const __m512 vinv = _mm512_set1_ps(inv[h]);
-        for (int64_t c = 0; c < nc; c++) _mm512_storeu_ps(o + h * D + c * 16, _mm512_mul_ps(_mm512_add_ps(a[c], b[c]), vinv));
     }
 }
 #endif
@@ -176,22 +160,22 @@ static void attend(const float* qh, int64_t hn, const void* k_cache, const void*
                    const int64_t* blocks, int64_t block_size, int64_t slot_stride, int64_t g, int64_t first,
                    int64_t pos, float scale, float* scores, float* o, int64_t head_dim)
 {
-#if defined(__AVX512F__)
-#define ATTEND_AVX512(D)                                                                                            \
-    (kv_f16 ? attend_avx512(qh, hn, k_cache, v_cache, 1, blocks, block_size, slot_stride, g, first, pos, scale,     \
-                            scores, o, D)                                                                           \
-            : attend_avx512(qh, hn, k_cache, v_cache, 0, blocks, block_size, slot_stride, g, first, pos, scale,     \
-                            scores, o, D))
+#if defined(ATTN_VF)
+#define ATTEND_VEC(D)                                                                                               \
+    (kv_f16 ? attend_vec(qh, hn, k_cache, v_cache, 1, blocks, block_size, slot_stride, g, first, pos, scale, scores, \
+                         o, D)                                                                                      \
+            : attend_vec(qh, hn, k_cache, v_cache, 0, blocks, block_size, slot_stride, g, first, pos, scale, scores, \
+                         o, D))
     switch (head_dim) {  // the common sizes with constant chunk counts; others at run time
-    case 64: ATTEND_AVX512(64); return;
-    case 128: ATTEND_AVX512(128); return;
+    case 64: ATTEND_VEC(64); return;
+    case 128: ATTEND_VEC(128); return;
     default:
-        if (head_dim % 16 == 0 && head_dim <= 256) {
-            ATTEND_AVX512(head_dim);
+        if (head_dim % VF == 0 && head_dim <= 256) {
+            ATTEND_VEC(head_dim);
             return;
         }
     }
-#undef ATTEND_AVX512
+#undef ATTEND_VEC
 #endif
     attend_scalar(qh, hn, k_cache, v_cache, kv_f16, blocks, block_size, slot_stride, g, first, pos, scale, scores, o,
                   head_dim);

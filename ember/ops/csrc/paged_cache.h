@@ -5,14 +5,13 @@
 #pragma once
 #include <stdint.h>
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
+#include "attn_simd.h"
 
-// 16 elements from element i of a cache, as float32.
-static inline __m512 kv_load16(const void* cache, int64_t i, const int kv_f16)
+#if defined(ATTN_VF)
+// ATTN_VF elements from element i of a cache, as float32.
+static inline attn_vf kv_loadv(const void* cache, int64_t i, const int kv_f16)
 {
-    return kv_f16 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)((const uint16_t*)cache + i)))
-                  : _mm512_loadu_ps((const float*)cache + i);
+    return kv_f16 ? attn_vload_f16((const uint16_t*)cache + i) : attn_vload((const float*)cache + i);
 }
 #endif
 
@@ -25,9 +24,13 @@ static inline float kv_load(const void* cache, int64_t i, const int kv_f16)
 // n float32 values into a cache from element i (rounded to nearest even where half).
 static inline void kv_store(void* cache, int64_t i, const float* x, int64_t n, const int kv_f16)
 {
-    if (kv_f16)
-        for (int64_t e = 0; e < n; e++) ((_Float16*)cache)[i + e] = (_Float16)x[e];
-    else
+    if (kv_f16) {
+        int64_t e = 0;
+#if defined(ATTN_VF)
+        for (; e + ATTN_VF <= n; e += ATTN_VF) attn_vstore_f16((uint16_t*)cache + i + e, attn_vload(x + e));
+#endif
+        for (; e < n; e++) ((_Float16*)cache)[i + e] = (_Float16)x[e];
+    } else
         for (int64_t e = 0; e < n; e++) ((float*)cache)[i + e] = x[e];
 }
 

@@ -11,30 +11,70 @@
 #include <stdint.h>
 #include <stdlib.h>
 
-#include "paged_cache.h"
+#include "paged_cache.h"  // attn_simd.h's vectors, kv_loadv
 #include "vector_math.h"
 
 #define ROW_POSITIONS 4
-#define ROWS_AT_ONCE 8  // score rows accumulated together (registers)
+#if defined(ATTN_VF)  // register tiles (attn_simd.h): score rows x key vectors, output rows x head_dim vectors
+#define ROWS_AT_ONCE ATTN_SCORE_ROWS
+#define VALUE_ROWS ATTN_TILE_ROWS
+#else
+#define ROWS_AT_ONCE 8  // score rows accumulated together
 #define VALUE_ROWS 4  // output rows accumulated together over a 64-wide slice of head_dim
+#endif
 
 static inline int64_t round16(int64_t n) { return (n + 15) / 16 * 16; }
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
+#if defined(ATTN_VF)
+#define VF ATTN_VF
 
-// Scores of R (a constant at each call) rows against 16 keys: one vector per row, broadcast q[d] times Kt[d].
+// Scores of R (a constant at each call) rows against ATTN_SCORE_VECS vectors of keys: broadcast q[d] times
+// Kt[d]. Each score's sum runs over d in order, whatever the tile.
 static inline __attribute__((always_inline)) void score_chunk(const float* rows, const int R,
                                                                const float* kc, int64_t ld, int64_t head_dim,
                                                                float* scores, int64_t scores_ld)
 {
-    __m512 acc[ROWS_AT_ONCE];
-    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+    attn_vf acc[ROWS_AT_ONCE][ATTN_SCORE_VECS];
+    for (int r = 0; r < R; r++)
+        for (int e = 0; e < ATTN_SCORE_VECS; e++) acc[r][e] = attn_vzero();
     for (int64_t d = 0; d < head_dim; d++) {
-        const __m512 kd = _mm512_loadu_ps(kc + d * ld);
-        for (int r = 0; r < R; r++) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(rows[r * head_dim + d]), kd, acc[r]);
+        attn_vf kd[ATTN_SCORE_VECS];
+        for (int e = 0; e < ATTN_SCORE_VECS; e++) kd[e] = attn_vload(kc + d * ld + e * VF);
+        for (int r = 0; r < R; r++) {
+            const attn_vf qd = attn_vset1(rows[r * head_dim + d]);
+            for (int e = 0; e < ATTN_SCORE_VECS; e++) acc[r][e] = attn_vfmadd(qd, kd[e], acc[r][e]);
+        }
     }
-    for (int r = 0; r < R; r++) _mm512_storeu_ps(scores + r * scores_ld, acc[r]);
+    for (int r = 0; r < R; r++)
+        for (int e = 0; e < ATTN_SCORE_VECS; e++) attn_vstore(scores + r * scores_ld + e * VF, acc[r][e]);
+}
+
+// The weighted values of the VALUE_ROWS rows over keys key_first..key_end for NV (a constant) vectors of
+// head_dim from d0: each element's sum over the keys in order, whatever the tile.
+static inline __attribute__((always_inline)) void value_tile(
+    const float* p, int64_t p_ld, int R, const void* v_cache, const int kv_f16, const int64_t* blocks,
+    int64_t block_size, int64_t slot_stride, int64_t head_offset, int64_t key_first, int64_t key_end, int64_t d0,
+    const int NV, const float* inv_sums, float* const* outs)
+{
+    attn_vf acc[VALUE_ROWS][ATTN_TILE_VECS];
+    for (int r = 0; r < VALUE_ROWS; r++)
+        for (int e = 0; e < NV; e++) acc[r][e] = attn_vzero();
+    for (int64_t j = key_first, slot, run; j < key_end; j += run) {  // a cache block's run of keys at a time
+        run = block_run(blocks, block_size, j, key_end, &slot);
+        for (int64_t i = 0; i < run; i++) {
+            const int64_t v = (slot + i) * slot_stride + head_offset + d0;
+            attn_vf vv[ATTN_TILE_VECS];
+            for (int e = 0; e < NV; e++) vv[e] = kv_loadv(v_cache, v + e * VF, kv_f16);
+            for (int r = 0; r < VALUE_ROWS; r++) {  // rows past R read weight rows of their own: p is padded
+                const attn_vf w = attn_vset1(p[r * p_ld + j + i - key_first]);
+                for (int e = 0; e < NV; e++) acc[r][e] = attn_vfmadd(w, vv[e], acc[r][e]);
+            }
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        const attn_vf inv = attn_vset1(inv_sums[r]);
+        for (int e = 0; e < NV; e++) attn_vstore(outs[r] + d0 + e * VF, attn_vmul(acc[r][e], inv));
+    }
 }
 #endif
 
@@ -43,13 +83,15 @@ static inline __attribute__((always_inline)) void score_chunk(const float* rows,
 static void score_rows(const float* rows, int R, const float* kt, int64_t ld, int64_t head_dim, int64_t k0,
                        int64_t chunks, float* scores, int64_t scores_ld)
 {
-    for (int64_t c = 0; c < chunks; c++) {
-        const float* kc = kt + k0 + c * 16;
-        float* sc = scores + c * 16;
-#if defined(__AVX512F__)
-        switch (R) {
+#if defined(ATTN_VF)
+    for (int64_t c = 0; c < chunks * 16; c += ATTN_SCORE_VECS * VF) {  // 16 keys a multiple of the tile's
+        const float* kc = kt + k0 + c;
+        float* sc = scores + c;
+        switch (R) {  // R <= ROWS_AT_ONCE
+#if ROWS_AT_ONCE >= 8
         case 8: score_chunk(rows, 8, kc, ld, head_dim, sc, scores_ld); continue;
         case 7: score_chunk(rows, 7, kc, ld, head_dim, sc, scores_ld); continue;
+#endif
         case 6: score_chunk(rows, 6, kc, ld, head_dim, sc, scores_ld); continue;
         case 5: score_chunk(rows, 5, kc, ld, head_dim, sc, scores_ld); continue;
         case 4: score_chunk(rows, 4, kc, ld, head_dim, sc, scores_ld); continue;
@@ -57,7 +99,11 @@ static void score_rows(const float* rows, int R, const float* kt, int64_t ld, in
         case 2: score_chunk(rows, 2, kc, ld, head_dim, sc, scores_ld); continue;
         default: score_chunk(rows, 1, kc, ld, head_dim, sc, scores_ld); continue;
         }
-#endif
+    }
+#else
+    for (int64_t c = 0; c < chunks; c++) {
+        const float* kc = kt + k0 + c * 16;
+        float* sc = scores + c * 16;
         for (int r = 0; r < R; r++) {
             float acc[16] = {0};
             for (int64_t d = 0; d < head_dim; d++) {
@@ -68,36 +114,25 @@ static void score_rows(const float* rows, int R, const float* kt, int64_t ld, in
             for (int e = 0; e < 16; e++) sc[r * scores_ld + e] = acc[e];
         }
     }
+#endif
 }
 
 // The weighted values of R rows (weights p [R][p_ld], key j at p[j - key_first]) over keys key_first..key_end,
-// into out rows (row r at outs[r]) for head_dim slice d0..d0 + width.
+// into out rows (row r at outs[r]) for head_dim slice d0..d0 + width (at most 64).
 static void value_rows(const float* p, int64_t p_ld, int R, const void* v_cache, int kv_f16, const int64_t* blocks,
                        int64_t block_size, int64_t slot_stride, int64_t head_offset, int64_t key_first,
                        int64_t key_end, int64_t d0, int64_t width, const float* inv_sums, float* const* outs)
 {
-#if defined(__AVX512F__)
-    if (width == 64) {
-        __m512 acc[VALUE_ROWS][4];
-        for (int r = 0; r < VALUE_ROWS; r++)
-            for (int e = 0; e < 4; e++) acc[r][e] = _mm512_setzero_ps();
-        for (int64_t j = key_first, slot, run; j < key_end; j += run) {  // a cache block's run of keys at a time
-            run = block_run(blocks, block_size, j, key_end, &slot);
-            for (int64_t i = 0; i < run; i++) {
-                const int64_t v = (slot + i) * slot_stride + head_offset + d0;
-                const __m512 v0 = kv_load16(v_cache, v, kv_f16), v1 = kv_load16(v_cache, v + 16, kv_f16),
-                             v2 = kv_load16(v_cache, v + 32, kv_f16), v3 = kv_load16(v_cache, v + 48, kv_f16);
-                for (int r = 0; r < VALUE_ROWS; r++) {  // rows past R read weight rows of their own: p is padded
-                    const __m512 w = _mm512_set1_ps(p[r * p_ld + j + i - key_first]);
-                    acc[r][0] = _mm512_fmadd_ps(w, v0, acc[r][0]), acc[r][1] = _mm512_fmadd_ps(w, v1, acc[r][1]);
-                    acc[r][2] = _mm512_fmadd_ps(w, v2, acc[r][2]), acc[r][3] = _mm512_fmadd_ps(w, v3, acc[r][3]);
-                }
-            }
-        }
-        for (int r = 0; r < R; r++) {
-            const __m512 inv = _mm512_set1_ps(inv_sums[r]);
-            for (int e = 0; e < 4; e++) _mm512_storeu_ps(outs[r] + d0 + e * 16, _mm512_mul_ps(acc[r][e], inv));
-        }
+#if defined(ATTN_VF)
+    if (width % VF == 0) {  // tiles of ATTN_TILE_VECS vectors, then single vectors
+#define VALUE_TILE(F, NV)                                                                                           \
+    value_tile(p, p_ld, R, v_cache, F, blocks, block_size, slot_stride, head_offset, key_first, key_end, d,    \
+               NV, inv_sums, outs)
+        int64_t d = d0;
+        for (; d + ATTN_TILE_VECS * VF <= d0 + width; d += ATTN_TILE_VECS * VF)
+            kv_f16 ? VALUE_TILE(1, ATTN_TILE_VECS) : VALUE_TILE(0, ATTN_TILE_VECS);
+        for (; d < d0 + width; d += VF) kv_f16 ? VALUE_TILE(1, 1) : VALUE_TILE(0, 1);
+#undef VALUE_TILE
         return;
     }
 #endif

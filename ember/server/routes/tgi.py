@@ -94,6 +94,7 @@ async def info(raw_request: Request):
         "model_sha": None,
         "model_dtype": str(runner.dtype).removeprefix("torch."),
         "model_device_type": runner.device.type,
+        "kernels": serving.engine.engine.kernel_variant,  # Ember's: the CPU kernel variant, "triton" or "reference"
         "model_pipeline_tag": "text-generation",
         "max_concurrent_requests": config.scheduler.max_num_seqs + serving.config.max_queued_requests,
         "max_best_of": 1,
