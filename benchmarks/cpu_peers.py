@@ -11,6 +11,9 @@ machine's drift falls on all alike), median of --repeats with min-max:
   3. servers: total output tokens/s with 4 and 16 concurrent streams (/v1/completions, max_tokens 64,
      temperature 0, ignore_eos, stream=false), `ember serve` vs `llama-server -np 16 -c 16384`; start-up
      time (launch to first completed token) and resident memory (VmRSS after the run).
+  4. AVX2 (what most users' CPUs have): Ember with its avx2 kernel variant forced (`cpu_kernels="avx2"`)
+     against llama.cpp built for AVX2 (-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+     -DGGML_AVX512=OFF): decode and prefill from `llama-bench -n 256 -p 512`, the batch from llama-batched-bench.
 Peers come from ../shared/peers/setup.sh (`source ~/.cache/ember-peers/env.sh`); a missing one is skipped
 with a note. Not a test: run it with nothing else on the machine.
 
@@ -99,7 +102,7 @@ class EmberEngine(EngineBase):
         from ember import LLM, SamplingParams
 
         self.params = SamplingParams
-        self.llm = LLM(progress=False, num_threads=spec["threads"])
+        self.llm = LLM(progress=False, num_threads=spec["threads"], cpu_kernels=spec.get("cpu_kernels", "auto"))
         self.encode = self.llm.get_tokenizer().encode
 
     def run(self, ids, max_tokens):
@@ -250,6 +253,18 @@ def batched_bench(binary: str, gguf: str, threads: int, sizes: dict) -> float:
     return rows[-1]["pl"] * rows[-1]["tg"] / rows[-1]["t"]
 
 
+def llama_bench(binary: str, gguf: str, threads: int, sizes: dict) -> dict:
+    """One run of llama-bench: {"decode": tg tok/s, "prefill": pp tok/s} at the benchmark's sizes."""
+    command = [binary, "-m", gguf, "-t", str(threads), "-p", str(sizes["prefill"]), "-n", str(sizes["decode"]),
+               "-r", "1", "-o", "json"]
+    out = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, check=True).stdout
+    rows = json.loads(out)
+    figure = {("decode" if row["n_gen"] else "prefill"): row["avg_ts"] for row in rows}
+    if set(figure) != {"decode", "prefill"}:
+        raise RuntimeError(f"llama-bench printed {out[:200]!r}")
+    return figure
+
+
 def rss_mib(pid: int) -> float:
     """VmRSS of the process and its descendants, MiB."""
     children: dict[int, list[int]] = {}
@@ -380,6 +395,32 @@ def free_port() -> int:
     return serving_free_port()
 
 
+def run_avx2(args, spec: dict, env: dict, sizes: dict, notes: list[str]) -> dict[str, dict]:
+    """Ember's avx2 variant and llama.cpp's AVX2 build, in turns: {"ember": {...}, "llama.cpp": {...}}."""
+    bench, batched = args.llama_bench_avx2, args.llama_batched_bench_avx2
+    if args.skip_avx2 or not (bench and os.path.exists(bench) and batched and os.path.exists(batched)):
+        notes.append("AVX2 rows skipped: " + ("--skip-avx2" if args.skip_avx2 else
+                     f"llama.cpp's AVX2 build not found ({bench}, {batched})"))
+        return {}
+    results: dict[str, dict] = {"ember": {}, "llama.cpp": {}}
+    worker = WorkerProcess("ember (avx2)", sys.executable, "ember", {**spec, "cpu_kernels": "avx2"}, env)
+    try:
+        llama_bench(bench, args.gguf, args.threads, sizes)  # warm-up
+        for r in range(args.repeats):
+            log(f"AVX2 repeat {r + 1}/{args.repeats}")
+            figures = worker.repeat(r)
+            merge(results["ember"], {k: figures[k] for k in ("decode", "prefill", "batch")})
+            merge(results["llama.cpp"], llama_bench(bench, args.gguf, args.threads, sizes))
+            merge(results["llama.cpp"], {"batch": batched_bench(batched, args.gguf, args.threads, sizes)})
+            log(f"  ember avx2 {figures['decode']:.1f} / llama.cpp avx2 {results['llama.cpp']['decode'][-1]:.1f} decode tok/s")
+    finally:
+        worker.close()
+    notes.append("AVX2 rows: Ember with cpu_kernels=avx2 (this CPU runs it; AVX-512 unused) against llama.cpp built "
+                 "with -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF: llama-bench "
+                 f"(-n {sizes['decode']} -p {sizes['prefill']}) for decode and prefill, llama-batched-bench for the batch")
+    return results
+
+
 # ---------------------------------------------------------------- table
 
 def med(values):
@@ -406,7 +447,7 @@ METRICS = [  # key, label, higher is better, format
 ]
 
 
-def print_table(results: dict, notes: list[str], args, sizes: dict) -> list[str]:
+def print_table(results: dict, notes: list[str], args, sizes: dict, avx2: dict) -> list[str]:
     metrics = [(k, label.replace("256", str(sizes["decode"])).replace("512-token", f"{sizes['prefill']}-token")
                 .replace("32 prompts x 128", f"{sizes['batch_prompts']} prompts x {sizes['batch_tokens']}")
                 .replace("4 streams", f"{sizes['conc'][0]} streams").replace("16 streams", f"{sizes['conc'][-1]} streams"), hib, f)
@@ -426,6 +467,15 @@ def print_table(results: dict, notes: list[str], args, sizes: dict) -> list[str]
             e, q = med(results["ember"].get(key, [])), med(results[p].get(key, []))
             row.append(f"{e / q:.2f}x" if e is not None and q else "-")
         print("| " + " | ".join(row) + " |")
+    if avx2:
+        print(f"\nAVX2 build of each engine, same file and threads, median (min–max) of {args.repeats}\n")
+        print("| | ember (avx2) | llama.cpp (avx2) | ember / llama.cpp |")
+        print("|---|---:|---:|---:|")
+        for key, label, higher, f in metrics:
+            if key in avx2["ember"]:
+                e, q = med(avx2["ember"][key]), med(avx2["llama.cpp"].get(key, []))
+                print(f"| {label} ↑ | {cell(avx2['ember'][key], f)} | {cell(avx2['llama.cpp'].get(key), f)} | "
+                      + (f"{e / q:.2f}x |" if q else "- |"))
     print("\n↑ higher is better (ratio > 1 favours Ember); ↓ lower is better (ratio < 1 favours Ember).")
     for note in notes:
         print(f"- {note}")
@@ -438,27 +488,19 @@ def print_table(results: dict, notes: list[str], args, sizes: dict) -> list[str]
         return "PASS" if ok else "FAIL"
 
     lines = []
+    for key in ("decode", "prefill", "batch"):
+        e, q = med(avx2.get("ember", {}).get(key, [])), med(avx2.get("llama.cpp", {}).get(key, []))
+        lines.append(f"AVX2 {key} ≥ 1.0x llama.cpp's AVX2 build: " + (f"{e / q:.2f}x {verdict(e >= q)}" if e and q else "skipped"))
     r = ratio("decode", "llama.cpp")
-    lines.append(f"decode ≥ 1.0x llama.cpp: " + (f"{r:.2f}x {verdict(r >= 1)}" if r else "skipped (no llama-cpp-python)"))
-    r = ratio("prefill", "vLLM-cpu")
-    lines.append("prefill ≥ 1.0x vLLM-cpu: " + (f"{r:.2f}x {verdict(r >= 1)}" if r else "skipped (vLLM-cpu not built)"))
-    r = ratio("batch", "vLLM-cpu")
-    lines.append(f"{sizes['batch_prompts']}x{sizes['batch_tokens']} ≥ 1.0x vLLM-cpu: " + (f"{r:.2f}x {verdict(r >= 1)}" if r else "skipped (vLLM-cpu not built)"))
+    lines.append("AVX-512 decode ≥ 1.5x llama.cpp: " + (f"{r:.2f}x {verdict(r >= 1.5)}" if r else "skipped (no llama-cpp-python)"))
     top = f"server{sizes['conc'][-1]}"
-    best = [(med(results[p][k]), f"{p} {k}") for p in results if p.startswith("llama") for k in ("batch", "server4", "server16", top)
-            if results[p].get(k)]
-    e = med(results["ember"].get(top, []))
-    if best and e:
-        b, which = max(best)
-        lines.append(f"server at {sizes['conc'][-1]} streams ≥ 2x llama.cpp's best batched figure ({which}, {b:.1f} tok/s): "
-                     f"{e / b:.2f}x {verdict(e >= 2 * b)}")
-    else:
-        lines.append("server ≥ 2x llama.cpp's best batched figure: skipped")
-    s = med(results["ember"].get("startup_s", []))
-    lines.append("start-up ≤ 5 s: " + (f"{s:.2f} s {verdict(s <= 5)}" if s is not None else "skipped"))
+    r = ratio(top, "llama.cpp")
+    lines.append(f"AVX-512 server {sizes['conc'][-1]} streams ≥ 4x llama-server: " + (f"{r:.2f}x {verdict(r >= 4)}" if r else "skipped"))
+    s_up = med(results["ember"].get("startup_s", []))
+    lines.append("start-up ≤ 5 s: " + (f"{s_up:.2f} s {verdict(s_up <= 5)}" if s_up is not None else "skipped"))
     r = ratio("rss_mib", "llama.cpp")
     lines.append("RSS ≤ 1.5x llama.cpp's: " + (f"{r:.2f}x {verdict(r <= 1.5)}" if r else "skipped (no llama-server)"))
-    print("\nTargets (issue #5):")
+    print("\nTargets (issues #5, #24):")
     for line in lines:
         print(f"- {line}")
     return lines
@@ -477,6 +519,10 @@ def main() -> int:
     parser.add_argument("--llama-server", default=os.environ.get("LLAMA_SERVER"))
     parser.add_argument("--llama-batched-bench", default=os.environ.get("LLAMA_BATCHED_BENCH"))
     parser.add_argument("--vllm-py", default=os.environ.get("VLLM_PY"))
+    avx2_build = os.path.expanduser("~/.cache/ember-peers/llama-build-avx2/bin")
+    parser.add_argument("--llama-bench-avx2", default=os.path.join(avx2_build, "llama-bench"))
+    parser.add_argument("--llama-batched-bench-avx2", default=os.path.join(avx2_build, "llama-batched-bench"))
+    parser.add_argument("--skip-avx2", action="store_true", help="leave out the AVX2 rows")
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -533,6 +579,7 @@ def main() -> int:
         for worker in workers.values():
             worker.close()
     results.setdefault("vLLM-cpu", {})
+    avx2 = run_avx2(args, spec, env, sizes, notes)
 
     # 3 + 4: servers, measured in turns
     ember_port, llama_port = free_port(), free_port()
@@ -555,11 +602,11 @@ def main() -> int:
                  "ignore_eos; start-up: one launch per repeat; RSS is a single measurement and includes child processes")
     notes.append("engines measured in turns: all loaded (servers: all up), then each repeat runs every engine once, "
                  "so the machine's drift during the run falls on all of them alike")
-    lines = print_table(results, notes, args, sizes)
+    lines = print_table(results, notes, args, sizes, avx2)
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"threads": args.threads, "repeats": args.repeats, "sizes": sizes, "gguf": args.gguf,
-                       "results": results, "notes": notes, "targets": lines}, f, indent=2)
+                       "results": results, "avx2": avx2, "notes": notes, "targets": lines}, f, indent=2)
     return 0
 
 
