@@ -10,7 +10,7 @@ import torch
 
 from ember.backends.attention import CKernelAttention, ReferenceAttention, TritonAttention
 from ember.backends.fused_decode import FusedDecode
-from ember.backends.linear_c_kernels import CInt4Method, CInt8Method
+from ember.backends.linear_c_kernels import CInt4Method, CInt8Method, CQ8_0Method
 from ember.backends.linear_dense import DenseMethod
 from ember.backends.linear_torch import TorchInt8HeadMethod, TorchQuantizedMethod
 from ember.backends.linear_triton import TritonInt8Method
@@ -64,7 +64,12 @@ def select_backends(*, device: torch.device, dtype: torch.dtype, quantize: str |
         linear = CInt8Method(kernels, int8_activations)
     else:
         linear = DenseMethod()
-    head = CInt8Method(kernels, int8_activations) if quantize else DenseMethod()
+    if not quantize:
+        head = DenseMethod()
+    elif int8_activations and kernels.int8_activations:  # the head as llama.cpp applies it (a Q8_0 file's own blocks)
+        head = CQ8_0Method(kernels)
+    else:
+        head = CInt8Method(kernels, int8_activations)
     fused = FusedDecode(kernels) if quantize == "int4" else None
     return Backends(linear, head, CKernelAttention(kernels), pointwise, fused, kernels)
 

@@ -10,7 +10,7 @@ from torch import nn
 from ember.backends.linear_dense import DenseMethod, drop_plain_weight, shard_of
 from ember.int4_blocks import Int4Blocks
 from ember.ops.cpu_kernels import KernelLibrary
-from ember.ops.linear import INT4_GROUP_SIZE, Int4Weight, Int8Weight
+from ember.ops.linear import INT4_GROUP_SIZE, Int4Weight, Int8Weight, Q8_0Weight
 from ember.weight_copy import check_shape
 
 
@@ -78,3 +78,21 @@ class CInt8Method(DenseMethod):
         if getattr(layer, "quantized", None) is None:
             return super().apply(layer, x)
         return layer.quantized.linear(x, layer.bias)
+
+
+class CQ8_0Method(CInt8Method):
+    """GGUF Q8_0 blocks of 32 (a Q8_0 file's own blocks recovered exactly, see Q8_0Weight) on int8 activations:
+    the LM head as llama.cpp applies it. Per block, not per row: the head keeps the file's precision."""
+
+    name = "q8_0_c"
+
+    def __init__(self, kernels: KernelLibrary):
+        super().__init__(kernels, int8_activations=True)
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        if layer.weight.shape[1] % 32:  # a width the kernel does not take: the plain GEMM
+            layer.quantized = None
+            return
+        layer.quantized = Q8_0Weight(layer.weight.data, self.kernels)
+        if not getattr(layer, "is_tied", False):
+            drop_plain_weight(layer)

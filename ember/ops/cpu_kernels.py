@@ -32,8 +32,9 @@ SIGNATURES = {
     "prefill_attention": [_P, _I64, _P, _P, _INT, _I64, _I64, _I64, _I64, _P, _I64, _P, _P, _P, _I64, _F, _I64, _P,
                           _INT],
     "decoder_layer": [_P, _P, _P, _P, _P, _P, _INT],
+    "q8_0_i8_linear": [_P, _I64, _I64, _P, _P, _I64, _P, _INT],
+    "ember_struct_sizes": [_P],
 }
-OPTIONAL_SIGNATURES = {"q8_0_i8_linear": [_P, _I64, _I64, _P, _P, _I64, _P, _INT]}
 
 SCHEMAS = {
     "q4_linear": "q4_linear(Tensor x, Tensor qs, Tensor d, Tensor m, bool int8_activations, int num_threads) -> Tensor",
@@ -121,12 +122,8 @@ class KernelLibrary:
         self._lib = lib = ctypes.CDLL(str(path))
         for name, argtypes in SIGNATURES.items():
             getattr(lib, name).argtypes, getattr(lib, name).restype = argtypes, None
-        for name, argtypes in OPTIONAL_SIGNATURES.items():
-            if hasattr(lib, name):
-                getattr(lib, name).argtypes, getattr(lib, name).restype = argtypes, None
         lib.q4_i8_supported.argtypes, lib.q4_i8_supported.restype = [], _INT
         self.int8_activations = bool(lib.q4_i8_supported())  # int8-activation matmuls are vectorised here
-        self.has_q8_0 = hasattr(lib, "q8_0_i8_linear") and self.int8_activations
         self._check_abi()
         self.namespace = f"ember_{variant.name}"
         self._registration = torch.library.Library(self.namespace, "DEF")
@@ -138,18 +135,16 @@ class KernelLibrary:
     def _check_abi(self) -> None:
         """decode_layer.c's structs against their ctypes mirrors, and the ISA the library says it was built for."""
         lib = self._lib
-        if hasattr(lib, "ember_isa"):
-            lib.ember_isa.restype = ctypes.c_char_p
-            isa = lib.ember_isa().decode()
-            if isa != self.variant.name:
-                raise ImportError(f"{self.path}: built for {isa}, expected {self.variant.name}")
-        if hasattr(lib, "ember_struct_sizes"):
-            sizes = (ctypes.c_int64 * 3)()
-            lib.ember_struct_sizes(sizes)
-            mirrors = (Q4Linear, DecoderLayer, DecodeStep)
-            if list(sizes) != [ctypes.sizeof(m) for m in mirrors]:
-                raise ImportError(f"{self.path}: struct sizes {list(sizes)} differ from cpu_kernels.py's mirrors "
-                                  f"{[ctypes.sizeof(m) for m in mirrors]}: rebuild (make install)")
+        lib.ember_isa.argtypes, lib.ember_isa.restype = [], ctypes.c_char_p
+        self.isa = lib.ember_isa().decode()
+        if self.isa != self.variant.name:
+            raise ImportError(f"{self.path}: built for {self.isa}, expected {self.variant.name}")
+        sizes = (ctypes.c_int64 * 3)()
+        lib.ember_struct_sizes(sizes)
+        mirrors = (Q4Linear, DecoderLayer, DecodeStep)
+        if list(sizes) != [ctypes.sizeof(m) for m in mirrors]:
+            raise ImportError(f"{self.path}: struct sizes {list(sizes)} differ from cpu_kernels.py's mirrors "
+                              f"{[ctypes.sizeof(m) for m in mirrors]}: rebuild (make install)")
 
     # ---------------------------------------------------------------- the ops, as callers use them
     def q4_linear(self, x, qs, d, m, int8_activations: bool) -> torch.Tensor:
@@ -163,7 +158,8 @@ class KernelLibrary:
         return self.ops.q8_linear(x, qs, scale, int8_activations, torch.get_num_threads())
 
     def q8_0_linear(self, x, qs, d) -> torch.Tensor:
-        """x [M, K] times a GGUF Q8_0 weight in qlinear_q8_0.c's layout, x rounded to int8 per block of 32."""
+        """x [M, K] times a GGUF Q8_0 weight (qs [N/16, K/32, 8, 16, 4] uint8 holding q + 128, d [N/16, K/32, 16]
+        float32: qlinear_i8.c's layout), x rounded to int8 per block of 32 (llama.cpp's Q8_0 x Q8_0)."""
         return self.ops.q8_0_linear(x, qs, d, torch.get_num_threads())
 
     def rms_norm(self, x, residual, weight, eps: float):
@@ -227,10 +223,8 @@ class KernelLibrary:
 
     def _q8_0_linear(self, x, qs, d, num_threads):
         _f32("x", x, 2)
-        if not (self.has_q8_0):
-            raise ValueError(f"{self.variant.name}: no Q8_0 kernel")
         num_rows, in_features = x.shape
-        if not (qs.dtype == torch.uint8 and qs.is_contiguous() and qs.shape[1] * 32 == in_features
+        if not (qs.dtype == torch.uint8 and qs.is_contiguous() and qs.dim() == 5 and qs.shape[1] * 32 == in_features
                and d.shape == qs.shape[:2] + (16,)):
             raise ValueError(f"q8_0_linear: weight {tuple(qs.shape)} does not fit x {tuple(x.shape)}")
         _f32("d", d)

@@ -184,6 +184,42 @@ class Int8Weight:
         return (q.float() * self.scales[:, None])[: self.out_features]
 
 
+class Q8_0Weight:
+    """GGUF's Q8_0: w = d * q per block of 32 inputs, q int8 and d a float16 value, quantized as llama.cpp does
+    (d = max|w| / 127, q = round(w / d), halves away from zero), so a weight dequantized from a Q8_0 file (the
+    embedded model's head) gets the file's own blocks back exactly. Applied by q8_0_i8_linear with x rounded to
+    int8 per block of 32: llama.cpp's Q8_0 x Q8_0 dot product. The kernels must have int8 activations."""
+
+    def __init__(self, weight: torch.Tensor, kernels: KernelLibrary):  # [out_features, in_features]
+        self.out_features, self.in_features = weight.shape
+        self.kernels = kernels
+        num_blocks = self.in_features // 32
+        padded = _padded_rows(weight, KERNEL_COLUMN_GROUP)
+        q = torch.empty(padded.shape, dtype=torch.int8)
+        d = torch.empty(padded.shape[0], num_blocks)
+        for start in range(0, padded.shape[0], 512):  # a few hundred rows at a time: temporaries stay in cache
+            blocks = padded[start:start + 512].float().view(-1, num_blocks, 32)
+            scale = torch.maximum(-blocks.amin(-1), blocks.amax(-1)) / 127
+            inverse = torch.where(scale > 0, 1 / scale, 0)
+            v = blocks * inverse[..., None]
+            q[start:start + 512] = (v.abs() + 0.5).floor_().copysign_(v).clamp_(-127, 127).view(-1, self.in_features)
+            d[start:start + 512] = scale.half().float()
+        groups = padded.shape[0] // KERNEL_COLUMN_GROUP
+        offset = q.view(torch.uint8) ^ 0x80  # q + 128 (two's complement)
+        # [N / 16, K / 32, 8 s, 16 c, 4 i]: byte (s, c, i) of a block is column c's input 4s + i
+        self.qs = offset.view(groups, KERNEL_COLUMN_GROUP, num_blocks, 8, 4).permute(0, 2, 3, 1, 4).contiguous()
+        self.d = d.view(groups, KERNEL_COLUMN_GROUP, num_blocks).transpose(1, 2).contiguous()  # [N / 16, K / 32, 16]
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        out = _unpadded(self.kernels.q8_0_linear(x.contiguous(), self.qs, self.d), self.out_features)
+        return out if bias is None else out + bias
+
+    def dequantized(self) -> torch.Tensor:  # [out_features, in_features] float32: the weight applied
+        q = (self.qs ^ 0x80).view(torch.int8).permute(0, 3, 1, 2, 4).reshape(-1, self.in_features // 32, 32)
+        d = self.d.transpose(1, 2).reshape(-1, self.in_features // 32, 1)
+        return (q.float() * d).view(-1, self.in_features)[: self.out_features]
+
+
 def usable(kernels: KernelLibrary | None, weight: torch.Tensor) -> bool:
     """The C kernels apply: there is a library, and the weight is a float32 CPU matrix."""
     return kernels is not None and weight.dtype == torch.float32 and weight.device.type == "cpu"

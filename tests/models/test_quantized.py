@@ -191,8 +191,10 @@ def test_embedded_model_int4_copies_are_the_files_blocks(dense_and_int4):
 
 def test_embedded_model_int4_stays_close_to_dense(dense_and_int4):
     dense, int4 = dense_and_int4
-    head = int4.engine.runner.model.lm_head.quantized  # "auto" would pick int4 too for this Q4_1 file
-    assert head is not None and head.int8_activations == (KERNELS is not None and KERNELS.int8_activations)
+    head = int4.engine.runner.model.lm_head  # "auto" would pick int4 too for this Q4_1 file
+    # On kernels with int8 activations the head is the file's Q8_0 blocks, as llama.cpp applies them
+    expected = "q8_0_c" if KERNELS is not None and KERNELS.int8_activations else "int8_torch" if KERNELS is None else "int8_c"
+    assert head.quantized is not None and head.method.name == expected
     params = SamplingParams(max_tokens=12, temperature=0, logprobs=5)
     prompts = ["def fibonacci(n):", "Once upon a time"]
     for a, b in zip(dense.generate(prompts, params), int4.generate(prompts, params)):
@@ -217,3 +219,14 @@ def test_a_half_kv_cache_is_the_default_for_quantized_weights_and_stays_close(de
         assert b.outputs[0].token_ids == a.outputs[0].token_ids
         for step_a, step_b in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
             assert abs(step_a[0].logprob - step_b[0].logprob) < 0.02
+
+
+@needs_kernels
+def test_embedded_model_head_is_the_files_q8_0_blocks(dense_and_int4):
+    """The embedded file's head (its tied token_embd, Q8_0) is applied as the file stores it: Q8_0Weight's blocks
+    dequantize to exactly the file's values (re-quantizing per row would round them again)."""
+    if not KERNELS.int8_activations:
+        pytest.skip("the kernels have no int8 activations")
+    dense, int4 = dense_and_int4
+    head = int4.engine.runner.model.lm_head.quantized
+    assert torch.equal(head.dequantized(), dense.engine.runner.model.model.embed_tokens.weight)

@@ -17,7 +17,7 @@ from ember.layers.rotary import RotaryEmbedding
 from ember.ops.attention import paged_attention
 from ember.ops.cpu_kernels import built_variants, load_library
 from ember.ops.cpu_variants import BY_NAME, cpu_flags, runnable
-from ember.ops.linear import Int4Weight, Int8Weight
+from ember.ops.linear import Int4Weight, Int8Weight, Q8_0Weight
 
 VARIANTS = [name for name in BY_NAME if name in built_variants() and runnable(BY_NAME[name], cpu_flags())]
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -264,3 +264,82 @@ def test_the_runner_puts_float32_cpu_models_on_the_kernels():
     llm = LLM(progress=False, max_model_len=256, kv_cache_memory_gib=0.05)
     norms = [m for m in llm.engine.runner.model.modules() if isinstance(m, RMSNorm)]
     assert norms and all(m.pointwise.kernels.variant.name == VARIANTS[0] for m in norms)
+
+
+def q8_0_raw_blocks(weight: torch.Tensor) -> torch.Tensor:
+    """GGUF Q8_0 as llama.cpp quantizes it: per block of 32, d = max|w| / 127 (stored float16), q = round(w / d);
+    the blocks' bytes [N, K/32 * 34] (d, then 32 int8)."""
+    n, k = weight.shape
+    blocks = weight.view(n, k // 32, 32)
+    d = (blocks.abs().amax(-1) / 127).half()
+    inv = torch.where(d.float() > 0, 1 / d.float(), 0)
+    q = (blocks * inv[..., None]).round().clamp(-127, 127).to(torch.int8)
+    return torch.cat([d[..., None].view(torch.uint8).view(n, k // 32, 2), q.view(torch.uint8)], -1).view(n, -1)
+
+
+def dequantized_q8_0(raw: torch.Tensor, n: int, k: int) -> torch.Tensor:  # what a GGUF reader gives for the blocks
+    blocks = raw.view(n, k // 32, 34)
+    d = blocks[..., :2].contiguous().view(torch.float16).float()
+    return (blocks[..., 2:].contiguous().view(torch.int8).float() * d).view(n, k)
+
+
+def q8_0_reference(x: torch.Tensor, raw: torch.Tensor, n: int) -> torch.Tensor:
+    """What q8_0_i8_linear computes, in float64 from the raw blocks: x rounded per block (as quantize_rows), the
+    integer dot product of each block, times d_w * dx."""
+    rows, k = x.shape
+    blocks = raw.view(n, k // 32, 34)
+    dw = blocks[..., :2].contiguous().view(torch.float16).double()[..., 0]  # [N, K/32]
+    qw = blocks[..., 2:].contiguous().view(torch.int8).double()  # [N, K/32, 32]
+    xb = x.view(rows, k // 32, 32)
+    amax = xb.abs().amax(-1, keepdim=True)
+    qx = (xb * torch.where(amax > 0, 127 / amax, 0)).round().double()  # in float32, then exact
+    dx = (amax / 127).double()[..., 0]  # [M, K/32]
+    dots = torch.einsum("rbi,nbi->rnb", qx, qw)  # exact integers
+    return (dots * dw[None] * dx[:, None]).sum(-1)
+
+
+@pytest.mark.parametrize("out_features,in_features", [(70, 96), (3, 64), (49, 576), (21, 4096), (48, 32)])
+def test_q8_0_recovers_a_q8_0_files_blocks_and_matches_the_rounded_reference(lib, out_features, in_features):
+    if not lib.int8_activations:
+        pytest.skip(f"{lib.variant.name} has no int8-activation kernels")
+    weight = torch.randn(out_features, in_features, generator=gen(14)) * torch.rand(out_features, 1, generator=gen(15))
+    weight[1, :32] = 0  # an all-zero weight block (d = 0)
+    raw = q8_0_raw_blocks(weight)
+    layer = Q8_0Weight(dequantized_q8_0(raw, out_features, in_features), lib)  # as the head gets it from the file
+    assert torch.equal(q8_0_raw_blocks(layer.dequantized()), raw)  # the file's blocks, exactly
+    for rows in [*range(1, 10), 19]:  # every tile shape: 1-4 rows x 1-3 column groups
+        x = torch.randn(rows, in_features, generator=gen(rows)) * torch.rand(in_features, generator=gen(16)) * 4
+        x[0, :32] = 0  # an all-zero block (scale 0)
+        x[-1, -32:] *= 1000  # one large block (amax ~1e3)
+        out = layer.linear(x, None)
+        torch.testing.assert_close(out.double(), q8_0_reference(x, raw, out_features), rtol=1e-5, atol=5e-4)
+        assert torch.equal(out[-1:], layer.linear(x[-1:], None))  # a row alone: the same bits
+
+
+def test_the_int8_kernels_give_the_same_bits_on_every_vector_isa():
+    """x's int8 values and scales and the integer sums are the same on every ISA, and the float FMAs run in one
+    order per output: the AVX2 and AVX-512 variants agree bitwise."""
+    torch.manual_seed(0)
+    weight, x = torch.randn(100, 576), torch.randn(7, 576) * torch.rand(576) * 4
+    results = {}
+    for name in VARIANTS:
+        lib = load_library(name)
+        if lib.int8_activations:
+            results[name] = [Int4Weight(weight, lib, True).linear(x, None), Int8Weight(weight, lib, True).linear(x, None),
+                             Q8_0Weight(weight, lib).linear(x, None)]
+    if len(results) < 2:
+        pytest.skip("fewer than two vectorised variants run here")
+    first, *others = results.values()
+    for other in others:
+        assert all(torch.equal(a, b) for a, b in zip(first, other))
+
+
+def test_each_library_reports_its_isa_and_struct_sizes(lib):
+    import ctypes
+
+    from ember.ops.cpu_kernels import DecodeStep, DecoderLayer, Q4Linear
+
+    assert lib.isa == lib.variant.name
+    sizes = (ctypes.c_int64 * 3)()
+    lib._lib.ember_struct_sizes(sizes)
+    assert list(sizes) == [ctypes.sizeof(Q4Linear), ctypes.sizeof(DecoderLayer), ctypes.sizeof(DecodeStep)]

@@ -104,3 +104,10 @@ void decoder_layer(const DecoderLayer* L, const DecodeStep* S, const float* hidd
 
     free(normed), free(qkv), free(attn), free(projected), free(gate_up), free(act);
 }
+
+// The ABI check: the sizes of the structs above as this compiler lays them out (the Python side's ctypes
+// mirrors must match): out[0..2] = sizeof(Q4Linear), sizeof(DecoderLayer), sizeof(DecodeStep).
+void ember_struct_sizes(int64_t* out)
+{
+    out[0] = (int64_t)sizeof(Q4Linear), out[1] = (int64_t)sizeof(DecoderLayer), out[2] = (int64_t)sizeof(DecodeStep);
+}

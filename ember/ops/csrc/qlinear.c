@@ -2,9 +2,9 @@
 // accumulation, the weight read at 4 or 8 bits. PyTorch's packed kernels want bfloat16 activations and
 // re-read the weight for every row; these dequantize each block once per call (per chunk of rows):
 //  - up to DIRECT_MAX_ROWS rows (decode), into registers, applied to the rows at hand;
-//  - beyond, into a float32 panel of PANEL_VECS x 16 columns in cache, which an 8-row x 48-column register
-//    tile sweeps over the rows (x broadcast, the panel's rows as vectors: a GEMM micro-kernel), so batches
-//    and prompts run at GEMM speed on the 4-bit weight.
+//  - beyond, into a float32 panel of PANEL_VECS x 16 columns in cache, which a register tile (AVX-512: 8 rows
+//    x 48 columns; AVX2: 6 x 16; isa_*.h) sweeps over the rows (x broadcast, the panel's rows as vectors: a
+//    GEMM micro-kernel), so batches and prompts run at GEMM speed on the 4-bit weight.
 //
 // The weight is stored in groups of 16 output columns, so that one vector holds one input's weights for
 // 16 columns (the outputs are vectors: no horizontal sums):
@@ -23,60 +23,16 @@
 
 #include <omp.h>
 
+#include "isa.h"  // vec (16 float32 lanes), the tile sizes
+
 #define DIRECT_MAX_ROWS 4
-#define PANEL_VECS 3  // 16-column groups per panel
-#define TILE_ROWS 8
+#define DIRECT_VECS QL_DIRECT_VECS  // 16-column groups a direct tile
+#define PANEL_VECS QL_PANEL_VECS  // 16-column groups per panel
+#define TILE_ROWS QL_TILE_ROWS  // rows a panel tile (<= 8)
 #define X_CHUNK_BYTES (4096 * 1024)  // rows of x swept per dequantized panel (measured: no gain from less)
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-
 // Tiles are instantiated per row and column count so their accumulators live in registers.
-#define TILE static inline __attribute__((always_inline))
-typedef __m512 vec;
-#define ZERO() _mm512_setzero_ps()
-#define LOAD(p) _mm512_loadu_ps(p)
-#define STORE(p, v) _mm512_storeu_ps(p, v)
-#define BCAST(p) _mm512_set1_ps(*(p))
-#define FMA(a, b, c) _mm512_fmadd_ps(a, b, c)
-
-// Inputs j and j + 16 of a block for 16 columns (q4: the 16 bytes of row j; d, m: the block's 16 scales).
-static inline __attribute__((always_inline)) void q4_pair(const uint8_t* bytes, vec d, vec m, vec* lo, vec* hi)
-{
-    const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)bytes));
-    *lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(q, _mm512_set1_epi32(0x0F))), d, m);
-    *hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4)), d, m);
-}
-
-static inline __attribute__((always_inline)) vec q8_row(const int8_t* q)
-{
-    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)q)));
-}
-
-#else  // portable C, the same structure and order; the compiler vectorises what it can
-
-#define TILE static inline  // (forced inlining of every tile shape takes GCC ~15 s here)
-typedef struct { float v[16]; } vec;
-static inline vec ZERO(void) { vec r = {{0}}; return r; }
-static inline vec LOAD(const float* p) { vec r; for (int i = 0; i < 16; i++) r.v[i] = p[i]; return r; }
-static inline void STORE(float* p, vec a) { for (int i = 0; i < 16; i++) p[i] = a.v[i]; }
-static inline vec BCAST(const float* p) { vec r; for (int i = 0; i < 16; i++) r.v[i] = *p; return r; }
-static inline vec FMA(vec a, vec b, vec c)
-{
-    for (int i = 0; i < 16; i++) c.v[i] = __builtin_fmaf(a.v[i], b.v[i], c.v[i]);
-    return c;
-}
-
-static inline void q4_pair(const uint8_t* bytes, vec d, vec m, vec* lo, vec* hi)
-{
-    for (int i = 0; i < 16; i++) {
-        lo->v[i] = __builtin_fmaf((float)(bytes[i] & 0x0F), d.v[i], m.v[i]);
-        hi->v[i] = __builtin_fmaf((float)(bytes[i] >> 4), d.v[i], m.v[i]);
-    }
-}
-
-static inline vec q8_row(const int8_t* q) { vec r; for (int i = 0; i < 16; i++) r.v[i] = q[i]; return r; }
-#endif
+#define TILE ISA_TILE
 
 // The weights of block b, inputs j and j + 16, for 16-column group g.
 TILE void weight_pair(int q8, const void* qs, const float* d, const float* m, int64_t K, int64_t g, int64_t b, int j,
@@ -97,12 +53,12 @@ TILE void weight_pair(int q8, const void* qs, const float* d, const float* m, in
 TILE void direct_tile(int q8, const float* x, int64_t K, const int R, const int V, const void* qs, const float* d,
                       const float* m, int64_t g, float* out, int64_t N)
 {
-    vec acc[DIRECT_MAX_ROWS][4];
+    vec acc[DIRECT_MAX_ROWS][DIRECT_VECS];
     for (int r = 0; r < R; r++)
         for (int v = 0; v < V; v++) acc[r][v] = ZERO();
     for (int64_t b = 0; b < K / 32; b++)
         for (int j = 0; j < 16; j++) {
-            vec lo[4], hi[4];
+            vec lo[DIRECT_VECS], hi[DIRECT_VECS];
             for (int v = 0; v < V; v++) weight_pair(q8, qs, d, m, K, g + v, b, j, &lo[v], &hi[v]);
             for (int r = 0; r < R; r++) {
                 const vec x_lo = BCAST(x + r * K + b * 32 + j), x_hi = BCAST(x + r * K + b * 32 + 16 + j);
@@ -115,9 +71,9 @@ TILE void direct_tile(int q8, const float* x, int64_t K, const int R, const int 
 
 #define DIRECT_COLS(R)                                                                        \
     do {                                                                                      \
-        if (V == 4) direct_tile(q8, x, K, R, 4, qs, d, m, g, out, N);                         \
-        else if (V == 3) direct_tile(q8, x, K, R, 3, qs, d, m, g, out, N);                    \
-        else if (V == 2) direct_tile(q8, x, K, R, 2, qs, d, m, g, out, N);                    \
+        if (DIRECT_VECS >= 4 && V == 4) direct_tile(q8, x, K, R, 4, qs, d, m, g, out, N);     \
+        else if (DIRECT_VECS >= 3 && V == 3) direct_tile(q8, x, K, R, 3, qs, d, m, g, out, N); \
+        else if (DIRECT_VECS >= 2 && V == 2) direct_tile(q8, x, K, R, 2, qs, d, m, g, out, N); \
         else direct_tile(q8, x, K, R, 1, qs, d, m, g, out, N);                                \
     } while (0)
 
@@ -126,11 +82,11 @@ static void direct(int q8, const float* x, int64_t M, int64_t K, const void* qs,
 {
     const int64_t groups = N / 16;
 #pragma omp parallel num_threads(num_threads)
-    {  // each thread an equal run of 16-column groups (to a group), taken 4 at a time
+    {  // each thread an equal run of 16-column groups (to a group), taken DIRECT_VECS at a time
         const int64_t t = omp_get_thread_num(), T = omp_get_num_threads();
         const int64_t end = groups * (t + 1) / T;
-        for (int64_t g = groups * t / T; g < end; g += 4) {
-            const int64_t V = end - g < 4 ? end - g : 4;
+        for (int64_t g = groups * t / T; g < end; g += DIRECT_VECS) {
+            const int64_t V = end - g < DIRECT_VECS ? end - g : DIRECT_VECS;
             switch (M) {
             case 4: DIRECT_COLS(4); break;
             case 3: DIRECT_COLS(3); break;
@@ -169,8 +125,8 @@ TILE void panel_tile(const float* x, int64_t K, const int R, const int V, const 
 
 #define PANEL_COLS(R)                                                              \
     do {                                                                           \
-        if (V == 3) panel_tile(xr, K, R, 3, w, o, N);                              \
-        else if (V == 2) panel_tile(xr, K, R, 2, w, o, N);                         \
+        if (PANEL_VECS >= 3 && V == 3) panel_tile(xr, K, R, 3, w, o, N);          \
+        else if (PANEL_VECS >= 2 && V == 2) panel_tile(xr, K, R, 2, w, o, N);     \
         else panel_tile(xr, K, R, 1, w, o, N);                                     \
     } while (0)
 
@@ -183,13 +139,13 @@ static void sweep_panel(const float* x, int64_t r0, int64_t r1, int64_t K, const
         const float* xr = x + r * K;
         float* o = out + r * N;
         switch (R) {
-        case 8: PANEL_COLS(8); break;
-        case 7: PANEL_COLS(7); break;
-        case 6: PANEL_COLS(6); break;
-        case 5: PANEL_COLS(5); break;
-        case 4: PANEL_COLS(4); break;
-        case 3: PANEL_COLS(3); break;
-        case 2: PANEL_COLS(2); break;
+        case 8: if (TILE_ROWS >= 8) PANEL_COLS(8); break;
+        case 7: if (TILE_ROWS >= 7) PANEL_COLS(7); break;
+        case 6: if (TILE_ROWS >= 6) PANEL_COLS(6); break;
+        case 5: if (TILE_ROWS >= 5) PANEL_COLS(5); break;
+        case 4: if (TILE_ROWS >= 4) PANEL_COLS(4); break;
+        case 3: if (TILE_ROWS >= 3) PANEL_COLS(3); break;
+        case 2: if (TILE_ROWS >= 2) PANEL_COLS(2); break;
         default: PANEL_COLS(1); break;
         }
     }
