@@ -453,7 +453,7 @@ def print_table(results: dict, notes: list[str], args, sizes: dict, avx2: dict) 
                 .replace("4 streams", f"{sizes['conc'][0]} streams").replace("16 streams", f"{sizes['conc'][-1]} streams"), hib, f)
                for k, label, hib, f in METRICS]
     peers = [p for p in results if p != "ember"]
-    print(f"\nSmolLM2-135M-Instruct Q4_1 GGUF, {args.threads} threads, median (min–max) of {args.repeats}"
+    print(f"\n{os.path.basename(args.gguf)}, {args.threads} threads, median (min–max) of {args.repeats}"
           f"{' (--quick sizes)' if args.quick else ''}; engines measured in turns\n")
     header = ["", "ember"] + [p for p in peers] + [f"ember / {p}" for p in peers]
     print("| " + " | ".join(header) + " |")
@@ -523,6 +523,7 @@ def main() -> int:
     parser.add_argument("--llama-bench-avx2", default=os.path.join(avx2_build, "llama-bench"))
     parser.add_argument("--llama-batched-bench-avx2", default=os.path.join(avx2_build, "llama-batched-bench"))
     parser.add_argument("--skip-avx2", action="store_true", help="leave out the AVX2 rows")
+    parser.add_argument("--skip-servers", action="store_true", help="leave out the server rows (a large model)")
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -591,6 +592,8 @@ def main() -> int:
                                                        "-t", str(args.threads), "-np", str(slots), "-c", str(1024 * slots)], llama_port, env)
     else:
         notes.append("llama-server skipped: $LLAMA_SERVER not found")
+    if args.skip_servers:
+        servers, notes = {}, [*notes, "server rows skipped (--skip-servers)"]
     for key, figures in run_servers(servers, sizes, args.repeats).items():
         results[key].update(figures)
 
