@@ -70,3 +70,26 @@ def test_fused_decode_layers_equal_the_module_path_bitwise(case, int8_activation
     assert len(calls) == 3 * model.num_layers  # every decode step took the fused path (and the prefill did not)
     for a, b in zip(fused, modules, strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_fused_decode_does_not_depend_on_the_thread_count(variant):
+    """Bitwise: the same decode steps through the fused layers with torch.set_num_threads(1) and (2)."""
+    hf, hf_config = build_hf("llama3-rope-tied")
+    model = build_ember(hf, hf_config, backends=c_kernel_backends(variant, "int4"))
+    assert model.model.fused_layers is not None
+
+    def run(threads: int) -> list[torch.Tensor]:
+        torch.set_num_threads(threads)
+        cache = PagedCache(model)
+        cache.step([(0, prompt(PROMPT_LEN, seed=4)), (1, prompt(9, seed=5))])  # prefill
+        steps = [[(0, [7])], [(0, [8]), (1, [9, 10, 11])]]
+        return [model.compute_logits(cache.step(chunks)) for chunks in steps]
+
+    threads = torch.get_num_threads()
+    try:
+        one, two = run(1), run(2)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(one, two, strict=True):
+        assert torch.equal(a, b)

@@ -256,6 +256,40 @@ def test_attention_rows_do_not_depend_on_the_batch(lib, kv_dtype):
             assert torch.equal(alone[starts[s] : starts[s + 1]], whole[starts[s] : starts[s + 1]])
 
 
+@pytest.fixture
+def restore_num_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("sliding_window", [None, 300])
+def test_split_contexts_do_not_depend_on_threads_or_the_batch(lib, sliding_window, kv_dtype, restore_num_threads):
+    """Bitwise: decodes and a verification over contexts split into chunks (past 128 keys; a window spanning
+    chunks) and not, with 1, 2 or 3 threads (the op reads torch.get_num_threads()), whole batch or alone."""
+    q_lens, seq_lens = [1, 1, 6, 1, 1, 1], [1000, 129, 520, 128, 2100, 40]
+    q, k, v, kv_cache, metadata = random_step(q_lens, seq_lens, 9, 3, 64, 16, kv_dtype, seed=2)
+    layer = Attention(64**-0.5, sliding_window, CKernelAttention(lib))
+    torch.set_num_threads(1)
+    first = layer(q, k, v, kv_cache, metadata)  # writes this step's K/V
+    reference = paged_attention(q, kv_cache[0], kv_cache[1], metadata, 64**-0.5, sliding_window)
+    torch.testing.assert_close(first, reference, **TOL)
+    tables = metadata.c_kernel_tables
+    starts = metadata.query_start_loc
+    for threads in (1, 2, 3):
+        torch.set_num_threads(threads)
+        whole = torch.full_like(first, float("nan"))
+        lib.paged_attention(q, kv_cache[0], kv_cache[1], tables.short_seq_ids, tables.query_start_loc,
+                            tables.seq_lens, tables.block_table, 64**-0.5, sliding_window, whole, False)
+        assert torch.equal(whole, first)
+        for s in range(len(q_lens)):
+            alone = torch.full_like(first, float("nan"))
+            lib.paged_attention(q, kv_cache[0], kv_cache[1], torch.tensor([s]), tables.query_start_loc,
+                                tables.seq_lens, tables.block_table, 64**-0.5, sliding_window, alone, False)
+            assert torch.equal(alone[starts[s] : starts[s + 1]], first[starts[s] : starts[s + 1]])
+
+
 @pytest.mark.skipif(not VARIANTS, reason="no kernel library built")
 def test_the_runner_puts_float32_cpu_models_on_the_kernels():
     from ember import LLM

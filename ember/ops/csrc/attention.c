@@ -25,8 +25,9 @@ static inline void axpy(float w, const float* x, float* y, int64_t n)  // y += w
     for (int64_t e = 0; e < n; e++) y[e] += w * x[e];
 }
 
-// Each head's scores (hn rows of n) turned into softmax numerators in place; inv[h] = 1 / their sum.
-static void softmax_numerators(float* scores, int64_t hn, int64_t n, float* inv)
+// Each head's scores (hn rows of n) turned into softmax numerators in place; inv[h] = 1 / their sum, or where
+// stats is given (a chunk of a split context) inv[h] = 1 and stats[2h], stats[2h + 1] = the max and the sum.
+static void softmax_numerators(float* scores, int64_t hn, int64_t n, float* inv, float* stats)
 {
     for (int64_t h = 0; h < hn; h++) {
         float* sh = scores + h * n;
@@ -37,7 +38,11 @@ static void softmax_numerators(float* scores, int64_t hn, int64_t n, float* inv)
         for (int64_t j = 0; j < n; j++) sh[j] = expf(sh[j] - mx);
 #pragma omp simd reduction(+ : sum)
         for (int64_t j = 0; j < n; j++) sum += sh[j];
-        inv[h] = 1.0f / sum;
+        if (stats) {
+            stats[2 * h] = mx, stats[2 * h + 1] = sum;
+            inv[h] = 1.0f;  // the chunk's unnormalised weighted values (times 1: exact)
+        } else
+            inv[h] = 1.0f / sum;
     }
 }
 
@@ -53,7 +58,7 @@ static void softmax_numerators(float* scores, int64_t hn, int64_t n, float* inv)
 static inline __attribute__((always_inline)) void attend_vec(
     const float* qh, int64_t hn, const void* k_cache, const void* v_cache, const int kv_f16, const int64_t* blocks,
     int64_t block_size, int64_t slot_stride, int64_t g, int64_t first, int64_t pos, float scale, float* scores,
-    float* o, const int64_t D)
+    float* o, float* stats, const int64_t D)
 {
     const int64_t n = pos + 1 - first, nc = D / VF;
     for (int64_t p = first, slot, run; p <= pos; p += run) {
@@ -75,7 +80,7 @@ static inline __attribute__((always_inline)) void attend_vec(
         }
     }
     float inv[MAX_GROUP];
-    softmax_numerators(scores, hn, n, inv);
+    softmax_numerators(scores, hn, n, inv, stats);
     for (int64_t h = 0; h < hn; h++) {  // weighted values
         const float* sh = scores + h * n;
         const attn_vf vinv = attn_vset1(inv[h]);
@@ -130,7 +135,7 @@ static inline const float* kv_row(const void* cache, int64_t i, int kv_f16, floa
 // The portable path: one dot product per key and head, axpy per value row.
 static void attend_scalar(const float* qh, int64_t hn, const void* k_cache, const void* v_cache, int kv_f16,
                           const int64_t* blocks, int64_t block_size, int64_t slot_stride, int64_t g, int64_t first,
-                          int64_t pos, float scale, float* scores, float* o, int64_t head_dim)
+                          int64_t pos, float scale, float* scores, float* o, float* stats, int64_t head_dim)
 {
     const int64_t n = pos + 1 - first;
     float* row = kv_f16 ? malloc(head_dim * sizeof(float)) : NULL;  // a float32 cache is read in place
@@ -142,7 +147,7 @@ static void attend_scalar(const float* qh, int64_t hn, const void* k_cache, cons
         }
     }
     float inv[MAX_GROUP];
-    softmax_numerators(scores, hn, n, inv);
+    softmax_numerators(scores, hn, n, inv, stats);
     for (int64_t e = 0; e < hn * head_dim; e++) o[e] = 0.0f;
     for (int64_t p = first, slot, run; p <= pos; p += run) {  // weighted values, a block at a time
         run = block_run(blocks, block_size, p, pos + 1, &slot);
@@ -158,14 +163,14 @@ static void attend_scalar(const float* qh, int64_t hn, const void* k_cache, cons
 
 static void attend(const float* qh, int64_t hn, const void* k_cache, const void* v_cache, int kv_f16,
                    const int64_t* blocks, int64_t block_size, int64_t slot_stride, int64_t g, int64_t first,
-                   int64_t pos, float scale, float* scores, float* o, int64_t head_dim)
+                   int64_t pos, float scale, float* scores, float* o, float* stats, int64_t head_dim)
 {
 #if defined(ATTN_VF)
 #define ATTEND_VEC(D)                                                                                               \
     (kv_f16 ? attend_vec(qh, hn, k_cache, v_cache, 1, blocks, block_size, slot_stride, g, first, pos, scale, scores, \
-                         o, D)                                                                                      \
+                         o, stats, D)                                                                                      \
             : attend_vec(qh, hn, k_cache, v_cache, 0, blocks, block_size, slot_stride, g, first, pos, scale, scores, \
-                         o, D))
+                         o, stats, D))
     switch (head_dim) {  // the common sizes with constant chunk counts; others at run time
     case 64: ATTEND_VEC(64); return;
     case 128: ATTEND_VEC(128); return;
@@ -178,7 +183,50 @@ static void attend(const float* qh, int64_t hn, const void* k_cache, const void*
 #undef ATTEND_VEC
 #endif
     attend_scalar(qh, hn, k_cache, v_cache, kv_f16, blocks, block_size, slot_stride, g, first, pos, scale, scores, o,
-                  head_dim);
+                  stats, head_dim);
+}
+
+// A query whose context is longer than KV_CHUNK keys is split at fixed points (flash-decoding): chunk k covers
+// keys first + k KV_CHUNK .. (the last one shorter), each chunk a work item of its own giving per head a
+// partial (max, sum, unnormalised weighted values), combined afterwards chunk by chunk in order. The split
+// depends on the query's context alone, never on the batch or the thread count, so neither changes a bit of
+// a result; a context of at most KV_CHUNK keys is one item computed as before the split existed.
+#define KV_CHUNK 128
+// Below this much work (keys x query heads, summed over the step) a parallel region's start-up costs more than
+// the second thread saves: one thread computes everything (the same items, the same code, the same bits).
+#define PARALLEL_MIN_WORK 1024
+
+typedef struct {  // one work item: a query's keys first..last against KV head g's query heads
+    int64_t token, s, g, first, last;
+    float* partial;  // NULL: the whole context, into out; else this chunk's [group][head_dim] values, then stats
+} AttnItem;
+
+typedef struct {  // a split query's KV head g: its chunks' partials, nchunks consecutive slots
+    int64_t token, g, nchunks;
+    const float* partial;
+} AttnCombine;
+
+// out[h] = sum_k e^(m_k - M) o_k[h] / sum_k e^(m_k - M) l_k over the chunks k in order (M: the largest m_k).
+static void combine_chunks(const float* partial, int64_t nchunks, int64_t group, int64_t head_dim, float* out)
+{
+    const int64_t slot = group * (head_dim + 2);
+    for (int64_t h = 0; h < group; h++) {
+        float* o = out + h * head_dim;
+        float mx = -INFINITY, sum = 0.0f;
+        for (int64_t k = 0; k < nchunks; k++) {
+            const float m = partial[k * slot + group * head_dim + 2 * h];
+            mx = m > mx ? m : mx;
+        }
+        for (int64_t e = 0; e < head_dim; e++) o[e] = 0.0f;
+        for (int64_t k = 0; k < nchunks; k++) {
+            const float* p = partial + k * slot;
+            const float w = expf(p[group * head_dim + 2 * h] - mx);
+            sum += w * p[group * head_dim + 2 * h + 1];
+            axpy(w, p + h * head_dim, o, head_dim);
+        }
+        const float inv = 1.0f / sum;
+        for (int64_t e = 0; e < head_dim; e++) o[e] *= inv;
+    }
 }
 
 // Query i of a sequence with q_len new tokens and seq_len positions sits at position seq_len - q_len + i and
@@ -191,30 +239,66 @@ void paged_attention(const float* q, int64_t q_token_stride, const void* k_cache
 {
     const int64_t group = num_heads / num_kv_heads;
     const int64_t slot_stride = num_kv_heads * head_dim;  // elements between consecutive cache positions
-#pragma omp parallel num_threads(num_threads)
-    {
-        int64_t capacity = 0;
-        float* scores = NULL;  // [MAX_GROUP][context] for the current (sequence, KV head)
-#pragma omp for collapse(2) schedule(dynamic, 1)
-        for (int64_t task = 0; task < num_selected; task++)
-            for (int64_t g = 0; g < num_kv_heads; g++) {
-                const int64_t s = seq_ids[task];
-                const int64_t start = query_start_loc[s], q_len = query_start_loc[s + 1] - start;
-                const int64_t seq_len = seq_lens[s];
-                if (capacity < seq_len * MAX_GROUP) {
-                    free(scores);
-                    capacity = seq_len * MAX_GROUP;
-                    scores = malloc(capacity * sizeof(float));
-                }
-                for (int64_t i = 0; i < q_len; i++) {
-                    const int64_t pos = seq_len - q_len + i;
-                    for (int64_t h0 = 0; h0 < group; h0 += MAX_GROUP)
-                        attend(q + (start + i) * q_token_stride + (g * group + h0) * head_dim,
-                               group - h0 < MAX_GROUP ? group - h0 : MAX_GROUP, k_cache, v_cache, kv_f16,
-                               block_table + s * max_blocks, block_size, slot_stride, g, first_key(pos, window), pos,
-                               scale, scores, out + ((start + i) * num_heads + g * group + h0) * head_dim, head_dim);
+    const int64_t slot = group * (head_dim + 2);  // floats per chunk partial
+    int64_t num_items = 0, num_combines = 0, num_slots = 0;
+    for (int64_t task = 0; task < num_selected; task++) {  // count
+        const int64_t s = seq_ids[task], q_len = query_start_loc[s + 1] - query_start_loc[s];
+        for (int64_t i = 0; i < q_len; i++) {
+            const int64_t pos = seq_lens[s] - q_len + i, n = pos + 1 - first_key(pos, window);
+            const int64_t chunks = n > KV_CHUNK ? (n + KV_CHUNK - 1) / KV_CHUNK : 1;
+            num_items += chunks * num_kv_heads;
+            if (chunks > 1) num_combines += num_kv_heads, num_slots += chunks * num_kv_heads;
+        }
+    }
+    if (num_items == 0) return;
+    AttnItem* items = malloc(num_items * sizeof(AttnItem));
+    AttnCombine* combines = num_combines ? malloc(num_combines * sizeof(AttnCombine)) : NULL;
+    float* partials = num_slots ? malloc(num_slots * slot * sizeof(float)) : NULL;
+    int64_t work = 0;
+    {  // list: each query's KV heads, each one's chunks in order
+        int64_t it = 0, c = 0;
+        float* next = partials;
+        for (int64_t task = 0; task < num_selected; task++) {
+            const int64_t s = seq_ids[task], start = query_start_loc[s], q_len = query_start_loc[s + 1] - start;
+            for (int64_t i = 0; i < q_len; i++) {
+                const int64_t pos = seq_lens[s] - q_len + i, first = first_key(pos, window), n = pos + 1 - first;
+                const int64_t chunks = n > KV_CHUNK ? (n + KV_CHUNK - 1) / KV_CHUNK : 1;
+                work += n * num_heads;
+                for (int64_t g = 0; g < num_kv_heads; g++) {
+                    if (chunks > 1) combines[c++] = (AttnCombine){start + i, g, chunks, next};
+                    for (int64_t k = 0; k < chunks; k++) {
+                        const int64_t lo = first + k * KV_CHUNK, hi = lo + KV_CHUNK - 1 < pos ? lo + KV_CHUNK - 1 : pos;
+                        items[it++] = (AttnItem){start + i, s, g, lo, hi, chunks > 1 ? next : NULL};
+                        if (chunks > 1) next += slot;
+                    }
                 }
             }
-        free(scores);
+        }
     }
+    int threads = num_threads < num_items ? num_threads : (int)num_items;
+#pragma omp parallel num_threads(threads) if (work >= PARALLEL_MIN_WORK && threads > 1)
+    {
+        float scores[MAX_GROUP * KV_CHUNK];  // [MAX_GROUP][keys] of the current item
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t it = 0; it < num_items; it++) {
+            const AttnItem* w = items + it;
+            for (int64_t h0 = 0; h0 < group; h0 += MAX_GROUP)
+                attend(q + w->token * q_token_stride + (w->g * group + h0) * head_dim,
+                       group - h0 < MAX_GROUP ? group - h0 : MAX_GROUP, k_cache, v_cache, kv_f16,
+                       block_table + w->s * max_blocks, block_size, slot_stride, w->g, w->first, w->last, scale,
+                       scores,
+                       w->partial ? w->partial + h0 * head_dim
+                                  : out + (w->token * num_heads + w->g * group + h0) * head_dim,
+                       w->partial ? w->partial + group * head_dim + 2 * h0 : NULL, head_dim);
+        }
+        if (num_combines) {
+#pragma omp for schedule(static) nowait
+            for (int64_t c = 0; c < num_combines; c++) {
+                const AttnCombine* w = combines + c;
+                combine_chunks(w->partial, w->nchunks, group, head_dim,
+                               out + (w->token * num_heads + w->g * group) * head_dim);
+            }
+        }
+    }
+    free(items), free(combines), free(partials);
 }
