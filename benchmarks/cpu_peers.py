@@ -102,7 +102,7 @@ class EmberEngine(EngineBase):
         from ember import LLM, SamplingParams
 
         self.params = SamplingParams
-        self.llm = LLM(progress=False, num_threads=spec["threads"], cpu_kernels=spec.get("cpu_kernels", "auto"))
+        self.llm = LLM(spec["gguf"], progress=False, num_threads=spec["threads"], cpu_kernels=spec.get("cpu_kernels", "auto"))
         self.encode = self.llm.get_tokenizer().encode
 
     def run(self, ids, max_tokens):
@@ -508,7 +508,7 @@ def print_table(results: dict, notes: list[str], args, sizes: dict, avx2: dict) 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=None, help="default 3 (1 with --quick)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 repeat, smaller sizes")
@@ -529,8 +529,8 @@ def main() -> int:
     if args.worker:
         worker_main(args.worker)
         return 0
-    if args.quick:
-        args.repeats = 1
+    if args.repeats is None:
+        args.repeats = 1 if args.quick else 3
     sizes = ({"decode": 64, "prefill": 256, "batch_prompts": 8, "batch_tokens": 32, "server_tokens": 16, "conc": [4, 16], "per_stream": 1}
              if args.quick else
              {"decode": 256, "prefill": 512, "batch_prompts": 32, "batch_tokens": 128, "server_tokens": 64, "conc": [4, 16], "per_stream": 2})
