@@ -80,3 +80,14 @@ def test_chat_cli_against_the_server(base_url):
     assert "(history cleared)" in text and "[error" not in text
     answers = text.split("\n")[1:3]
     assert all(answers), text
+
+
+def test_info_and_metrics_report_the_kernel_variant(base_url):
+    """The variant start-up picked for this CPU (the best one built that it runs), in /info and in /metrics."""
+    from ember.ops.cpu_kernels import built_variants
+    from ember.ops.cpu_variants import best_variant, cpu_flags
+
+    chosen = best_variant(cpu_flags(), built_variants())
+    expected = chosen.name if chosen is not None else "reference"
+    assert httpx.get(base_url + "/info").json()["kernels"] == expected
+    assert _scrape(base_url)[f'ember:kernels_info{{model_name="smollm2",variant="{expected}"}}'] == 1
