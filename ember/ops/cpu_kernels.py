@@ -195,7 +195,7 @@ class KernelLibrary:
                 and qs.shape[1] * 32 == in_features and d.shape == m.shape == qs.shape[:2] + (16,)):
             raise ValueError(f"q4_linear: weight {tuple(qs.shape)} {qs.dtype} does not fit x {tuple(x.shape)}")
         _f32("d", d), _f32("m", m)
-        if not (not int8_activations or self.int8_activations):
+        if int8_activations and not self.int8_activations:
             raise ValueError(f"{self.variant.name}: no int8-activation kernels")
         out = x.new_empty(num_rows, qs.shape[0] * 16)
         kernel = self._lib.q4_i8_linear if int8_activations else self._lib.q4_linear
@@ -213,7 +213,7 @@ class KernelLibrary:
         if not (fits and qs.is_contiguous() and scale.shape == (qs.shape[0] * 16,)):
             raise ValueError(f"q8_linear: weight {tuple(qs.shape)} {qs.dtype} does not fit x {tuple(x.shape)}")
         _f32("scale", scale)
-        if not (not int8_activations or self.int8_activations):
+        if int8_activations and not self.int8_activations:
             raise ValueError(f"{self.variant.name}: no int8-activation kernels")
         out = x.new_empty(num_rows, qs.shape[0] * 16)
         kernel = self._lib.q8_i8_linear if int8_activations else self._lib.q8_linear
@@ -225,7 +225,7 @@ class KernelLibrary:
         _f32("x", x, 2)
         num_rows, in_features = x.shape
         if not (qs.dtype == torch.uint8 and qs.is_contiguous() and qs.dim() == 5 and qs.shape[1] * 32 == in_features
-               and d.shape == qs.shape[:2] + (16,)):
+                and d.shape == qs.shape[:2] + (16,)):
             raise ValueError(f"q8_0_linear: weight {tuple(qs.shape)} does not fit x {tuple(x.shape)}")
         _f32("d", d)
         out = x.new_empty(num_rows, qs.shape[0] * 16)
@@ -273,7 +273,7 @@ class KernelLibrary:
         if not (x.dtype == torch.float32 and x.stride(2) == 1 and x.stride(1) == head_dim):
             raise ValueError("rotary_: x must be float32 with contiguous heads")
         _i64("positions", positions)
-        if not (positions.shape == (num_tokens,)):
+        if positions.shape != (num_tokens,):
             raise ValueError("rotary_: one position per token")
         _f32("cos_cache", cos_cache, 2), _f32("sin_cache", sin_cache, 2)
         if not (cos_cache.shape[1] * 2 == head_dim and sin_cache.shape == cos_cache.shape):
@@ -287,10 +287,10 @@ class KernelLibrary:
         if not (q.dtype == torch.float32 and q.stride(2) == 1 and q.stride(1) == head_dim and q.shape[2] == head_dim):
             raise ValueError("paged_attention: q must be float32 [tokens, heads, head_dim] with contiguous heads")
         if not (k_cache.dtype in (torch.float16, torch.float32) and k_cache.is_contiguous() and v_cache.is_contiguous()
-               and v_cache.shape == k_cache.shape and v_cache.dtype == k_cache.dtype):
+                and v_cache.shape == k_cache.shape and v_cache.dtype == k_cache.dtype):
             raise ValueError("paged_attention: KV cache")
         _f32("out", out)
-        if not (out.shape == q.shape):
+        if out.shape != q.shape:
             raise ValueError("paged_attention: out's shape")
         for name, t in (("seq_ids", seq_ids), ("query_start_loc", query_start_loc), ("seq_lens", seq_lens),
                         ("block_table", block_table)):
