@@ -14,7 +14,6 @@ class Linear(nn.Module):
 
     def __init__(self, input_size: int, output_sizes: list[int], bias: bool, dtype: torch.dtype, method):
         super().__init__()
-        self.input_size = input_size
         self.output_sizes = list(output_sizes)
         self.method = method
         method.create_weights(self, input_size, sum(self.output_sizes), bias, dtype)

@@ -27,7 +27,7 @@ def paged_attention(
     q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
     k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
     v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
-    attn_metadata,  # ember.layers.attention.AttentionMetadata (not imported: ops sit below layers)
+    attn_metadata,  # ember.backends.attention_metadata.AttentionMetadata (not imported: ops sit below backends)
     scale: float,
     sliding_window: int | None = None,
     seq_ids: list[int] | None = None,

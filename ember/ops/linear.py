@@ -78,7 +78,6 @@ class Int4Weight:
         groups = weight.float().view(rows, in_features // INT4_GROUP_SIZE, INT4_GROUP_SIZE)
         w_min, w_max = groups.amin(-1), groups.amax(-1)  # [out, in // group]; torch.aminmax is ~4x slower here
         scale = ((w_max - w_min) / 15).clamp(min=1e-12)
-        self.max_rows = None if self.use_kernel else TORCH_QUANTIZED_MAX_ROWS  # None: every batch
         if self.use_kernel:  # d and m rounded to float16 (a GGUF block's own), q computed against them
             scale, w_min = scale.half().clamp_(min=2**-24).float(), w_min.half().float()
         # One temporary, then in place: each fresh full-size tensor costs start-up time in page faults.
@@ -96,7 +95,7 @@ class Int4Weight:
         """The C kernel's copy of a GGUF Q4_0 / Q4_1 weight: the file's bytes reshuffled, nothing rounded."""
         self = cls.__new__(cls)
         self.out_features, self.in_features = blocks.shape
-        self.kernels, self.use_kernel, self.max_rows = kernels, True, None
+        self.kernels, self.use_kernel = kernels, True
         self.int8_activations = int8_activations and kernels.int8_activations
         self._store_for_kernel(*(_padded_rows(t, KERNEL_COLUMN_GROUP) for t in (blocks.qs, blocks.d, blocks.m)))
         return self
@@ -154,7 +153,6 @@ class Int8Weight:
         self.kernels = kernels if usable(kernels, weight) and weight.shape[1] % 32 == 0 else None
         self.use_kernel = self.kernels is not None
         self.int8_activations = self.use_kernel and int8_activations and kernels.int8_activations
-        self.max_rows = None if self.use_kernel else TORCH_QUANTIZED_MAX_ROWS  # None: every batch
         if self.int8_activations:  # [N / 16, K / 4, 16 c, 4 i]: 4 inputs of 16 columns a 64-byte row
             offset = _padded_rows(q, KERNEL_COLUMN_GROUP).view(torch.uint8) ^ 0x80  # q + 128 (two's complement)
             groups = offset.view(-1, KERNEL_COLUMN_GROUP, self.in_features // 4, 4)

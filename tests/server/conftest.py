@@ -62,6 +62,13 @@ class EmberServer:
             raise KeyError(name)
         return total
 
+    def wait_until(self, predicate, timeout: float = 20.0) -> None:
+        """Polls `predicate` (e.g. on `metric`) until it holds; fails the test after `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            assert time.monotonic() < deadline, "timed out"
+            time.sleep(0.05)
+
     def stop(self) -> int:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)

@@ -579,12 +579,6 @@ class LongStream(threading.Thread):
         self.first_token.set()
 
 
-def _wait_for(predicate, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
-
 
 def test_n_counts_against_the_queue_bound(queue_server):
     url = queue_server.url
@@ -599,7 +593,7 @@ def test_n_counts_against_the_queue_bound(queue_server):
             assert refused.status_code == 503 and refused.headers["Retry-After"] == "1", refused.text
             assert refused.json()["error"]["type"] == "server_overloaded"
         queued = LongStream(url, {**short, "n": 2, "stream": True})  # exactly fills the queue: accepted
-        _wait_for(lambda: queue_server.metric("ember:num_requests_waiting") == 2 and queued.status_code is not None)
+        queue_server.wait_until(lambda: queue_server.metric("ember:num_requests_waiting") == 2 and queued.status_code is not None)
         assert queued.status_code == 200
         refused = httpx.post(url + "/v1/completions", json=short, timeout=30)  # the queue is full now
         assert refused.status_code == 503, refused.text
@@ -608,7 +602,7 @@ def test_n_counts_against_the_queue_bound(queue_server):
             r.stop.set()
     queued.join(60)
     assert not queued.is_alive() and queued.first_token.is_set()
-    _wait_for(lambda: queue_server.metric("ember:num_requests_running") == 0
-              and queue_server.metric("ember:num_requests_waiting") == 0)
+    queue_server.wait_until(lambda: queue_server.metric("ember:num_requests_running") == 0
+                            and queue_server.metric("ember:num_requests_waiting") == 0)
     ok = httpx.post(url + "/v1/completions", json={**short, "n": 2}, timeout=60)
     assert ok.status_code == 200 and len(ok.json()["choices"]) == 2

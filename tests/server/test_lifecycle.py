@@ -65,25 +65,19 @@ class StreamReader(threading.Thread):
         return self.ended_cleanly and "error" not in self.events[-2]
 
 
-def _wait_for(predicate, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
-
 
 def test_queue_overflow_gets_503(small_server):
     url = small_server.url
     running = [StreamReader(url, LONG), StreamReader(url, LONG)]
     assert all(r.first_token.wait(30) for r in running)
     waiting = StreamReader(url, LONG)
-    _wait_for(lambda: small_server.metric("ember:num_requests_waiting") == 1)
+    small_server.wait_until(lambda: small_server.metric("ember:num_requests_waiting") == 1)
     refused = httpx.post(url + "/v1/completions", json={**LONG, "stream": False}, timeout=30)
     assert refused.status_code == 503 and refused.headers["Retry-After"] == "1"
     assert refused.json()["error"]["type"] == "server_overloaded"
     for reader in running + [waiting]:
         reader.stop.set()
-    _wait_for(lambda: small_server.metric("ember:num_requests_running") == 0 and small_server.metric("ember:num_requests_waiting") == 0)
+    small_server.wait_until(lambda: small_server.metric("ember:num_requests_running") == 0 and small_server.metric("ember:num_requests_waiting") == 0)
     assert waiting.status_code == 200  # accepted into the queue, never dropped; it ended when its client left
     ok = httpx.post(url + "/v1/completions", json={**SHORT, "stream": False}, timeout=60)
     assert ok.status_code == 200

@@ -168,41 +168,6 @@ def test_without_the_kernels_the_torch_ops_serve():
     assert (layer.linear(x, None) - F.linear(x, weight)).abs().max() < 0.1 * F.linear(x, weight).abs().max()
 
 
-@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("block_size", [4, 32])  # runs shorter than the vector path's 16 keys, and longer
-@pytest.mark.parametrize("sliding_window", [None, 6])
-@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(9, 3, 64), (4, 2, 128), (4, 4, 80), (8, 1, 32),
-                                                             (12, 1, 16)])
-def test_attention_layer_matches_the_reference(lib, sliding_window, num_heads, num_kv_heads, head_dim, block_size,
-                                               kv_dtype):
-    """A mixed step (decodes, a speculative verification of 5; prefill chunks past the short-query kernel's
-    limit, one after a prefix, one a whole prompt: the tiled kernel) through the layer, against the per-sequence
-    reference, over a shuffled cache (float32, or half floats the kernels widen as they read); query rows are
-    strided views of a fused projection, as in the model."""
-    torch.manual_seed(0)
-    num_blocks = 48
-    kv_cache = torch.randn(2, num_blocks, block_size, num_kv_heads, head_dim).to(kv_dtype)
-    q_lens, seq_lens = [1, 5, 1, 20, 1, 37], [1, 12, 30, 26, 9, 37]
-    free = torch.randperm(num_blocks).tolist()
-    block_tables = [[free.pop() for _ in range(-(-n // block_size))] for n in seq_lens]
-    starts = [0]
-    for q_len in q_lens:
-        starts.append(starts[-1] + q_len)
-    slots = [block_tables[s][p // block_size] * block_size + p % block_size
-             for s, (q_len, n) in enumerate(zip(q_lens, seq_lens)) for p in range(n - q_len, n)]
-    metadata = AttentionMetadata(slot_mapping=torch.tensor(slots), query_start_loc=starts, seq_lens=seq_lens,
-                                 block_tables=block_tables)
-    fused = torch.randn(starts[-1], (num_heads + 2 * num_kv_heads) * head_dim)
-    q = fused[:, : num_heads * head_dim].view(-1, num_heads, head_dim)
-    k = fused[:, num_heads * head_dim : (num_heads + num_kv_heads) * head_dim].view(-1, num_kv_heads, head_dim)
-    v = fused[:, (num_heads + num_kv_heads) * head_dim :].view(-1, num_kv_heads, head_dim)
-    layer = Attention(head_dim**-0.5, sliding_window, CKernelAttention(lib))
-    out = layer(q, k, v, kv_cache, metadata)  # writes this step's K/V, then attends
-    assert metadata.c_kernel_tables.long_seq_ids.tolist() == [3, 5] and out.is_contiguous()
-    reference = paged_attention(q, kv_cache[0], kv_cache[1], metadata, head_dim**-0.5, sliding_window)
-    torch.testing.assert_close(out, reference, **TOL)
-
-
 def random_step(q_lens, seq_lens, num_heads, num_kv_heads, head_dim, block_size, kv_dtype, seed=0):
     """A step over a shuffled paged cache: (q, k, v views of a fused projection, kv_cache, metadata)."""
     g = gen(seed)
@@ -222,6 +187,26 @@ def random_step(q_lens, seq_lens, num_heads, num_kv_heads, head_dim, block_size,
     k = fused[:, num_heads * head_dim : (num_heads + num_kv_heads) * head_dim].view(-1, num_kv_heads, head_dim)
     v = fused[:, (num_heads + num_kv_heads) * head_dim :].view(-1, num_kv_heads, head_dim)
     return q, k, v, kv_cache, metadata
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("block_size", [4, 32])  # runs shorter than the vector path's 16 keys, and longer
+@pytest.mark.parametrize("sliding_window", [None, 6])
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(9, 3, 64), (4, 2, 128), (4, 4, 80), (8, 1, 32),
+                                                             (12, 1, 16)])
+def test_attention_layer_matches_the_reference(lib, sliding_window, num_heads, num_kv_heads, head_dim, block_size,
+                                               kv_dtype):
+    """A mixed step (decodes, a speculative verification of 5; prefill chunks past the short-query kernel's
+    limit, one after a prefix, one a whole prompt: the tiled kernel) through the layer, against the per-sequence
+    reference, over a shuffled cache (float32, or half floats the kernels widen as they read); query rows are
+    strided views of a fused projection, as in the model."""
+    q_lens, seq_lens = [1, 5, 1, 20, 1, 37], [1, 12, 30, 26, 9, 37]
+    q, k, v, kv_cache, metadata = random_step(q_lens, seq_lens, num_heads, num_kv_heads, head_dim, block_size, kv_dtype)
+    layer = Attention(head_dim**-0.5, sliding_window, CKernelAttention(lib))
+    out = layer(q, k, v, kv_cache, metadata)  # writes this step's K/V, then attends
+    assert metadata.c_kernel_tables.long_seq_ids.tolist() == [3, 5] and out.is_contiguous()
+    reference = paged_attention(q, kv_cache[0], kv_cache[1], metadata, head_dim**-0.5, sliding_window)
+    torch.testing.assert_close(out, reference, **TOL)
 
 
 @pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16])
